@@ -1,0 +1,132 @@
+-- wtc_analytics: the raw-layer contract (docs/raw-layer.md) and the marts' schema.
+-- Both landing paths (the embedded Python loaders and Kafka Connect) write exactly these tables.
+-- Idempotent: safe to apply on every start.
+create schema if not exists cdr_data;
+create schema if not exists crm_data;
+create schema if not exists forex_data;
+create schema if not exists prepared_layers;
+
+-- CDR ------------------------------------------------------------------------------------------
+create table if not exists cdr_data.files (
+    file_name text primary key,
+    kind text not null check (kind in ('data', 'voice')),
+    size_bytes bigint not null,
+    sha256 text not null,
+    rows_landed integer not null,
+    rows_rejected integer not null,
+    first_event_at timestamp,
+    last_event_at timestamp,
+    loaded_at timestamptz not null default now()
+);
+
+create table if not exists cdr_data.data_records (
+    source_file text not null,
+    line_no integer not null,
+    msisdn text not null,
+    tower_id integer not null,
+    up_bytes bigint not null,
+    down_bytes bigint not null,
+    data_type text not null,
+    ip_address text,
+    website_url text,
+    event_datetime timestamp not null,
+    loaded_at timestamptz not null default now(),
+    primary key (source_file, line_no)
+);
+create index if not exists data_records_event_datetime_idx
+    on cdr_data.data_records (event_datetime);
+create index if not exists data_records_loaded_at_idx on cdr_data.data_records (loaded_at);
+
+create table if not exists cdr_data.voice_records (
+    source_file text not null,
+    line_no integer not null,
+    msisdn text not null,
+    tower_id integer not null,
+    call_type text not null,
+    dest_nr text not null,
+    call_duration_sec integer not null,
+    start_time timestamp not null,
+    loaded_at timestamptz not null default now(),
+    primary key (source_file, line_no)
+);
+create index if not exists voice_records_start_time_idx on cdr_data.voice_records (start_time);
+create index if not exists voice_records_loaded_at_idx on cdr_data.voice_records (loaded_at);
+
+-- One row per rejected line; a file rejected as a whole has line_no 0.
+create table if not exists cdr_data.rejected_rows (
+    source_file text not null,
+    line_no integer not null,
+    raw_line text not null,
+    reason text not null,
+    rejected_at timestamptz not null default now(),
+    primary key (source_file, line_no)
+);
+
+-- Forex ----------------------------------------------------------------------------------------
+create table if not exists forex_data.ticks (
+    pair_name text not null,
+    tick_ts timestamp not null,
+    bid_price numeric not null,
+    ask_price numeric not null,
+    spread numeric not null,
+    source text not null,
+    landed_at timestamptz not null default now(),
+    primary key (pair_name, tick_ts)
+);
+create index if not exists ticks_tick_ts_idx on forex_data.ticks (tick_ts);
+
+create table if not exists forex_data.rejected_messages (
+    id bigserial primary key,
+    source text not null,
+    message_key text,
+    payload text,
+    reason text not null,
+    rejected_at timestamptz not null default now()
+);
+
+-- CRM change log (Debezium ExtractNewRecordState with add.fields=op,lsn,source.ts_ms) ---------
+create table if not exists crm_data.accounts_changes (
+    account_id integer not null,
+    owner_name varchar(100),
+    email varchar(100),
+    phone_number varchar(100),
+    modified_ts timestamp,
+    __op char(1) not null check (__op in ('r', 'c', 'u', 'd')),
+    __lsn bigint not null,
+    __source_ts_ms bigint not null,
+    landed_at timestamptz not null default now(),
+    primary key (__lsn, account_id)
+);
+
+create table if not exists crm_data.addresses_changes (
+    account_id integer not null,
+    street_address varchar(100),
+    city varchar(100),
+    state varchar(100),
+    postal_code varchar(100),
+    country varchar(100),
+    modified_ts timestamp,
+    __op char(1) not null check (__op in ('r', 'c', 'u', 'd')),
+    __lsn bigint not null,
+    __source_ts_ms bigint not null,
+    landed_at timestamptz not null default now(),
+    primary key (__lsn, account_id)
+);
+
+create table if not exists crm_data.devices_changes (
+    device_id integer not null,
+    account_id integer,
+    device_name varchar(100),
+    device_type varchar(100),
+    device_os varchar(100),
+    modified_ts timestamp,
+    __op char(1) not null check (__op in ('r', 'c', 'u', 'd')),
+    __lsn bigint not null,
+    __source_ts_ms bigint not null,
+    landed_at timestamptz not null default now(),
+    primary key (__lsn, device_id)
+);
+create index if not exists accounts_changes_landed_at_idx on crm_data.accounts_changes (landed_at);
+create index if not exists addresses_changes_landed_at_idx
+    on crm_data.addresses_changes (landed_at);
+create index if not exists devices_changes_landed_at_idx on crm_data.devices_changes (landed_at);

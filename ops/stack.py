@@ -1,0 +1,546 @@
+"""The embedded local stack: Postgres, Redis and an OpenSSH SFTP server on loopback.
+
+    python -m ops.stack start     # set up what is missing, start it all, bootstrap the databases
+    python -m ops.stack status    # what runs, where
+    python -m ops.stack stop      # stop the project's processes and the servers, gracefully
+
+Everything lives under the state folder (`.wtc/` by default). Starting and stopping are
+idempotent. When run as root, Postgres and Redis run as an unprivileged service user and the
+SFTP server logs in the system user `cdr_data` by password (OpenSSH's `internal-sftp`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from ops.logs import setup_logging
+from ops.settings import PROJECT_ROOT, StackSettings
+
+log = logging.getLogger("ops.stack")
+
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+SSHD = Path("/usr/sbin/sshd")
+DEBIAN_PACKAGES = {"redis-server": "redis-server", str(SSHD): "openssh-server"}
+
+
+class StackError(RuntimeError):
+    """The stack cannot be set up or started; the message says what to do."""
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(timeout)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(check, what: str, timeout: float = 30.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise StackError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def read_pid(pidfile: Path) -> int | None:
+    """The pid in `pidfile` if that process is alive."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def terminate(pidfile: Path, what: str, timeout: float = 30.0) -> bool:
+    """SIGTERM the process in `pidfile` and wait for it to exit. True if one was running."""
+    pid = read_pid(pidfile)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        return False
+    log.info("stopping %s", what, extra={"pid": pid})
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    try:
+        wait_until(lambda: not _alive(pid), what, timeout)
+    except StackError:
+        log.warning("%s did not stop in %.0fs; killing it", what, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of ours counts as gone once reaped.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+@dataclass
+class Component:
+    name: str
+    port: int
+    running: bool
+    pid: int | None
+    detail: str = ""
+
+
+class Stack:
+    """Start, report and stop the local servers under one state folder."""
+
+    def __init__(self, settings: StackSettings | None = None) -> None:
+        self.s = settings or StackSettings()
+        self.state = self.s.state_dir.resolve()
+        self.pg_dir = self.state / "pg"
+        self.pg_data = self.pg_dir / "data"
+        self.redis_dir = self.state / "redis"
+        self.sftp_dir = self.state / "sftp"
+        self.run_dir = self.state / "run"
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def missing_packages(self) -> list[str]:
+        missing = [pkg for binary, pkg in DEBIAN_PACKAGES.items() if not shutil.which(binary)]
+        if not (self.s.pg_bin_dir / "postgres").exists():
+            missing.append("postgresql-15")
+        return missing
+
+    def setup(self) -> None:
+        """Install missing Debian packages (as root on Debian) and create the OS users."""
+        missing = self.missing_packages()
+        if missing:
+            command = f"apt-get update && apt-get install -y {' '.join(missing)}"
+            if not (is_root() and Path("/etc/debian_version").exists()):
+                raise StackError(f"missing packages {missing}; install them with: sudo {command}")
+            log.info("installing Debian packages", extra={"packages": missing})
+            env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            subprocess.run(["sh", "-c", command], check=True, env=env, stdout=subprocess.DEVNULL)
+        self.state.mkdir(parents=True, exist_ok=True)
+        for directory in (self.run_dir, self.pg_dir, self.redis_dir, self.sftp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        if is_root():
+            self._ensure_user(self.s.pg_os_user, home=Path("/nonexistent"))
+            user = pwd.getpwnam(self.s.pg_os_user)
+            for directory in (self.pg_dir, self.redis_dir):
+                os.chown(directory, user.pw_uid, user.pw_gid)
+            self._ensure_user(self.s.sftp_user, home=self.s.cdr_dir)
+            subprocess.run(
+                ["chpasswd"],
+                input=f"{self.s.sftp_user}:{self.s.sftp_password}\n",
+                text=True,
+                check=True,
+            )
+            self.s.cdr_dir.mkdir(parents=True, exist_ok=True)
+            sftp_user = pwd.getpwnam(self.s.sftp_user)
+            os.chown(self.s.cdr_dir, sftp_user.pw_uid, sftp_user.pw_gid)
+            self.s.cdr_dir.chmod(0o775)
+        else:
+            self.s.cdr_dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _ensure_user(name: str, home: Path) -> None:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            log.info("creating system user", extra={"user": name})
+            subprocess.run(
+                [
+                    "useradd",
+                    "--system",
+                    "--no-create-home",
+                    "--home-dir",
+                    str(home),
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    name,
+                ],
+                check=True,
+            )
+
+    def _as_service_user(self, argv: list[str]) -> list[str]:
+        if is_root():
+            return ["runuser", "-u", self.s.pg_os_user, "--", *argv]
+        return argv
+
+    # -- Postgres ------------------------------------------------------------------------------
+
+    def _pg(self, tool: str) -> str:
+        return str(self.s.pg_bin_dir / tool)
+
+    def start_postgres(self) -> None:
+        if self.postgres_pid() is not None:
+            log.info("postgres already running", extra={"port": self.s.pg_port})
+            return
+        self._check_port_free(self.s.pg_port, "postgres")
+        if not (self.pg_data / "PG_VERSION").exists():
+            self._initdb()
+        (self.pg_data / "wtc.conf").write_text(
+            "\n".join(
+                [
+                    f"listen_addresses = '{self.s.host}'",
+                    f"port = {self.s.pg_port}",
+                    f"unix_socket_directories = '{self.pg_dir}'",
+                    "wal_level = logical",
+                    "max_replication_slots = 10",
+                    "max_wal_senders = 10",
+                    "timezone = 'UTC'",
+                    "log_timezone = 'UTC'",
+                    "shared_buffers = 256MB",
+                    "max_wal_size = 2GB",
+                    "work_mem = 64MB",
+                    "maintenance_work_mem = 256MB",
+                    "",
+                ]
+            )
+        )
+        log.info("starting postgres", extra={"port": self.s.pg_port})
+        subprocess.run(
+            self._as_service_user(
+                [
+                    self._pg("pg_ctl"),
+                    "start",
+                    "-D",
+                    str(self.pg_data),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-l",
+                    str(self.pg_dir / "postgres.log"),
+                ]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def _initdb(self) -> None:
+        log.info("initialising postgres data directory", extra={"path": str(self.pg_data)})
+        pwfile = self.pg_dir / "initdb.pw"
+        pwfile.write_text(self.s.pg_password + "\n")
+        if is_root():
+            user = pwd.getpwnam(self.s.pg_os_user)
+            os.chown(pwfile, user.pw_uid, user.pw_gid)
+        pwfile.chmod(0o600)
+        try:
+            subprocess.run(
+                self._as_service_user(
+                    [
+                        self._pg("initdb"),
+                        "-D",
+                        str(self.pg_data),
+                        "-U",
+                        self.s.pg_user,
+                        "--pwfile",
+                        str(pwfile),
+                        "--auth-local=peer",
+                        "--auth-host=scram-sha-256",
+                        "-E",
+                        "UTF8",
+                        "--no-locale",
+                    ]
+                ),
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with (self.pg_data / "postgresql.conf").open("a") as conf:
+            conf.write("\ninclude_if_exists = 'wtc.conf'\n")
+
+    def postgres_pid(self) -> int | None:
+        return read_pid(self.pg_data / "postmaster.pid")
+
+    def stop_postgres(self) -> None:
+        if self.postgres_pid() is None:
+            return
+        log.info("stopping postgres")
+        subprocess.run(
+            self._as_service_user(
+                [self._pg("pg_ctl"), "stop", "-D", str(self.pg_data), "-m", "fast", "-w"]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def bootstrap(self) -> None:
+        """Create the databases and apply the CRM source tables and the raw-layer contract."""
+        with psycopg.connect(self.s.pg_dsn("postgres"), autocommit=True) as conn:
+            existing = {r[0] for r in conn.execute("select datname from pg_database")}
+            for database in ("wtc_prod", "wtc_analytics"):
+                if database not in existing:
+                    log.info("creating database", extra={"database": database})
+                    conn.execute(f'create database "{database}"')
+        for database, script in (
+            ("wtc_prod", "wtc_prod.sql"),
+            ("wtc_analytics", "wtc_analytics.sql"),
+        ):
+            with psycopg.connect(self.s.pg_dsn(database)) as conn:
+                conn.execute((SQL_DIR / script).read_text())
+
+    # -- Redis ---------------------------------------------------------------------------------
+
+    @property
+    def redis_pidfile(self) -> Path:
+        return self.redis_dir / "redis.pid"
+
+    def start_redis(self) -> None:
+        if read_pid(self.redis_pidfile) is not None:
+            log.info("redis already running", extra={"port": self.s.redis_port})
+            return
+        self._check_port_free(self.s.redis_port, "redis")
+        log.info("starting redis", extra={"port": self.s.redis_port})
+        subprocess.run(
+            self._as_service_user(
+                [
+                    "redis-server",
+                    "--bind",
+                    self.s.host,
+                    "--port",
+                    str(self.s.redis_port),
+                    "--dir",
+                    str(self.redis_dir),
+                    "--daemonize",
+                    "yes",
+                    "--pidfile",
+                    str(self.redis_pidfile),
+                    "--logfile",
+                    str(self.redis_dir / "redis.log"),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--save",
+                    "",
+                    "--protected-mode",
+                    "yes",
+                ]
+            ),
+            check=True,
+        )
+        wait_until(lambda: port_open(self.s.host, self.s.redis_port), "redis to accept connections")
+
+    def stop_redis(self) -> None:
+        terminate(self.redis_pidfile, "redis")
+
+    # -- SFTP ----------------------------------------------------------------------------------
+
+    @property
+    def sshd_pidfile(self) -> Path:
+        return self.sftp_dir / "sshd.pid"
+
+    def start_sftp(self) -> None:
+        if read_pid(self.sshd_pidfile) is not None:
+            log.info("sftp server already running", extra={"port": self.s.sftp_port})
+            return
+        if not is_root():
+            raise StackError(
+                "the SFTP server (OpenSSH) logs users in by password and must be started as root"
+            )
+        self._check_port_free(self.s.sftp_port, "sftp")
+        if any(ch.isspace() for ch in str(self.s.cdr_dir)):
+            raise StackError(f"the SFTP directory path must not contain spaces: {self.s.cdr_dir}")
+        host_key = self.sftp_dir / "ssh_host_ed25519_key"
+        if not host_key.exists():
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True
+            )
+        config = self.sftp_dir / "sshd_config"
+        config.write_text(
+            "\n".join(
+                [
+                    f"Port {self.s.sftp_port}",
+                    f"ListenAddress {self.s.host}",
+                    f"HostKey {host_key}",
+                    f"PidFile {self.sshd_pidfile}",
+                    "PasswordAuthentication yes",
+                    "KbdInteractiveAuthentication no",
+                    "PubkeyAuthentication no",
+                    "UsePAM no",
+                    "PermitRootLogin no",
+                    f"AllowUsers {self.s.sftp_user}",
+                    "AllowTcpForwarding no",
+                    "X11Forwarding no",
+                    "PermitTTY no",
+                    "StrictModes no",
+                    "MaxStartups 50:30:100",
+                    "Subsystem sftp internal-sftp",
+                    f"ForceCommand internal-sftp -d {self.s.cdr_dir}",
+                    "",
+                ]
+            )
+        )
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        log.info("starting sftp server", extra={"port": self.s.sftp_port})
+        subprocess.run(
+            [str(SSHD), "-f", str(config), "-E", str(self.sftp_dir / "sshd.log")], check=True
+        )
+        wait_until(lambda: port_open(self.s.host, self.s.sftp_port), "sftp to accept connections")
+
+    def stop_sftp(self) -> None:
+        terminate(self.sshd_pidfile, "sftp server")
+
+    # -- the project's own background processes (API, consumers, docs) -------------------------
+
+    def start_process(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+        """Start a project process in the background, its pid in `run/<name>.pid`."""
+        pidfile = self.run_dir / f"{name}.pid"
+        pid = read_pid(pidfile)
+        if pid is not None:
+            log.info("already running", extra={"process": name, "pid": pid})
+            return pid
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        logfile = (self.run_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            argv,
+            cwd=PROJECT_ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        pidfile.write_text(f"{proc.pid}\n")
+        log.info("started", extra={"process": name, "pid": proc.pid})
+        return proc.pid
+
+    def stop_processes(self) -> None:
+        for pidfile in sorted(self.run_dir.glob("*.pid")):
+            terminate(pidfile, pidfile.stem)
+
+    # -- whole stack ---------------------------------------------------------------------------
+
+    def _check_port_free(self, port: int, what: str) -> None:
+        if port_open(self.s.host, port):
+            raise StackError(
+                f"port {port} for {what} is taken by another program; "
+                f"set WTC_{what.upper()}_PORT to a free port"
+            )
+
+    def start(self) -> None:
+        self.setup()
+        self.start_postgres()
+        self.start_redis()
+        self.start_sftp()
+        self.bootstrap()
+
+    def stop(self) -> None:
+        self.stop_processes()
+        self.stop_sftp()
+        self.stop_redis()
+        self.stop_postgres()
+
+    def status(self) -> list[Component]:
+        components = [
+            Component(
+                "postgres",
+                self.s.pg_port,
+                self.postgres_pid() is not None,
+                self.postgres_pid(),
+                str(self.pg_data),
+            ),
+            Component(
+                "redis",
+                self.s.redis_port,
+                read_pid(self.redis_pidfile) is not None,
+                read_pid(self.redis_pidfile),
+                str(self.redis_dir),
+            ),
+            Component(
+                "sftp",
+                self.s.sftp_port,
+                read_pid(self.sshd_pidfile) is not None,
+                read_pid(self.sshd_pidfile),
+                str(self.s.cdr_dir),
+            ),
+        ]
+        for pidfile in sorted(self.run_dir.glob("*.pid")):
+            pid = read_pid(pidfile)
+            components.append(Component(pidfile.stem, 0, pid is not None, pid))
+        return components
+
+
+@contextlib.contextmanager
+def running(settings: StackSettings) -> Iterator[Stack]:
+    """A started, bootstrapped stack that is stopped on exit (used by the tests)."""
+    stack = Stack(settings)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.stack",
+        description="Start, report and stop the embedded local stack "
+        "(Postgres, Redis, OpenSSH SFTP) under the state folder.",
+    )
+    parser.add_argument(
+        "command",
+        choices=["setup", "start", "status", "stop", "bootstrap"],
+        help="setup: install missing packages and users; start: setup, start and bootstrap; "
+        "status: report; stop: stop the project's processes and the servers; "
+        "bootstrap: create the databases and raw tables",
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    stack = Stack()
+    try:
+        match args.command:
+            case "setup":
+                stack.setup()
+            case "start":
+                stack.start()
+            case "stop":
+                stack.stop()
+            case "bootstrap":
+                stack.bootstrap()
+            case "status":
+                rows = stack.status()
+                for c in rows:
+                    state = "up" if c.running else "down"
+                    port = f":{c.port}" if c.port else ""
+                    print(f"{c.name:<14} {state:<5} pid={c.pid or '-':<8} {port:<7} {c.detail}")
+                return 0 if all(c.running for c in rows[:3]) else 3
+    except (StackError, subprocess.CalledProcessError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
