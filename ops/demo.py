@@ -1,0 +1,282 @@
+"""`make demo`: set up the local stack, generate sources, run the whole pipeline, keep serving.
+
+Steps, each a project command run as its own process:
+
+1. start Postgres, Redis and the SFTP server (`ops.stack`), bootstrap the databases;
+2. generate the three sources: CDR files into the SFTP directory, CRM transactions in
+   `wtc_prod`, forex ticks on the `tick-data` stream;
+3. land them once (CDR loader, tick sink, CRM change capture), which also publishes CDR rows;
+4. start the live side in the background: the loaders in follow mode, the HVS consumer, the
+   usage API on :18089;
+5. `dbt build` the prepared layers and serve the dbt docs site;
+6. write `.wtc/demo.env` with the connection variables and print how to use them.
+
+`make stop` stops everything this started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from ops.logs import setup_logging
+from ops.settings import PROJECT_ROOT, StackSettings
+from ops.stack import Stack, StackError, port_open, wait_until
+
+log = logging.getLogger("ops.demo")
+
+PY = sys.executable
+DBT = str(Path(PY).parent / "dbt")
+DBT_DIR = PROJECT_ROOT / "dbt"
+DEV_API_USER = "wtc"
+DEV_API_PASSWORD = "wtc-dev"  # development default for the local demo only (see README)
+
+
+@dataclass(frozen=True)
+class Scale:
+    subscribers: int
+    hours: int
+    crm_transactions: int
+    profile: str
+
+
+SCALES = {
+    # A few hours of realistic traffic: the whole demo runs well under two minutes.
+    "small": Scale(subscribers=2000, hours=4, crm_transactions=2000, profile="realistic"),
+    # The starter's full two days: 864 file pairs, 1.728 M CDR rows, 691 200 ticks.
+    "starter": Scale(subscribers=50000, hours=48, crm_transactions=50000, profile="starter"),
+}
+
+
+def demo_env(s: StackSettings) -> dict[str, str]:
+    """The variables `.wtc/demo.env` exports (documented in the README)."""
+    api_user = os.environ.get("API_USER", DEV_API_USER)
+    api_password = os.environ.get("API_PASSWORD", DEV_API_PASSWORD)
+    return {
+        "WTC_ANALYTICS_DSN": s.analytics_dsn,
+        "WTC_PROD_DSN": s.prod_dsn,
+        "REDIS_URL": s.redis_url,
+        "STREAM_URL": s.stream_url,
+        "SFTP_URL": s.sftp_url,
+        "CDR_DIR": ".",
+        "API_URL": f"http://{s.host}:{s.api_port}",
+        "API_USER": api_user,
+        "API_PASSWORD": api_password,
+        "DBT_DOCS_URL": f"http://{s.host}:{s.docs_port}",
+        "WTC_PG_HOST": s.host,
+        "WTC_PG_PORT": str(s.pg_port),
+        "WTC_PG_USER": s.pg_user,
+        "WTC_PG_PASSWORD": s.pg_password,
+        "DBT_PROFILES_DIR": str(DBT_DIR),
+    }
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> None:
+    lines = ["# Written by `make demo`: `source .wtc/demo.env` to use the local stack."]
+    lines += [f"export {key}='{value}'" for key, value in env.items()]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+
+
+def run(step: str, argv: list[str], env: dict[str, str], cwd: Path = PROJECT_ROOT) -> None:
+    log.info("step: %s", step)
+    started = time.monotonic()
+    result = subprocess.run(argv, cwd=cwd, env={**os.environ, **env})
+    if result.returncode != 0:
+        raise StackError(f"step failed: {step} (exit {result.returncode}): {' '.join(argv)}")
+    log.info("done: %s", step, extra={"seconds": round(time.monotonic() - started, 1)})
+
+
+def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
+    common = ["--profile", scale.profile, "--seed", "42", "--subscribers", str(scale.subscribers)]
+    run(
+        "generate CDR files into the SFTP directory",
+        [
+            PY,
+            "-m",
+            "ingestion.generators",
+            "cdr",
+            *common,
+            "--hours",
+            str(scale.hours),
+            "--out",
+            str(stack.s.cdr_dir),
+        ],
+        env,
+    )
+    run(
+        "generate CRM transactions in wtc_prod",
+        [
+            PY,
+            "-m",
+            "ingestion.generators",
+            "crm",
+            *common,
+            "--transactions",
+            str(scale.crm_transactions),
+            "--dsn",
+            stack.s.prod_dsn,
+        ],
+        env,
+    )
+    run(
+        "publish forex ticks to tick-data",
+        [
+            PY,
+            "-m",
+            "ingestion.generators",
+            "forex",
+            "--seed",
+            "42",
+            "--hours",
+            str(scale.hours),
+            "--stream-url",
+            stack.s.stream_url,
+        ],
+        env,
+    )
+
+
+def land_once(env: dict[str, str]) -> None:
+    run("land CDR files (and publish them)", [PY, "-m", "ingestion.cdr_loader", "--once"], env)
+    run("land forex ticks", [PY, "-m", "ingestion.tick_sink", "--once"], env)
+    run("capture CRM changes", [PY, "-m", "ingestion.crm_cdc", "--once"], env)
+
+
+def start_live(stack: Stack, env: dict[str, str]) -> None:
+    services = {
+        "cdr_loader": [PY, "-m", "ingestion.cdr_loader"],
+        "tick_sink": [PY, "-m", "ingestion.tick_sink"],
+        "crm_cdc": [PY, "-m", "ingestion.crm_cdc"],
+        "hvs": [PY, "-m", "api.hvs"],
+        "api": [
+            PY,
+            "-m",
+            "uvicorn",
+            "api.app:app",
+            "--host",
+            stack.s.host,
+            "--port",
+            str(stack.s.api_port),
+            "--no-access-log",
+        ],
+    }
+    service_env = {**env, "WTC_LOG_FORMAT": "json"}
+    for name, argv in services.items():
+        stack.start_process(name, argv, service_env)
+    wait_until(lambda: port_open(stack.s.host, stack.s.api_port), "the usage API", timeout=60)
+
+
+def build_warehouse(stack: Stack, env: dict[str, str]) -> None:
+    run("dbt build (prepared layers and their tests)", [DBT, "build"], env, cwd=DBT_DIR)
+    serve_docs(stack, env)
+
+
+def serve_docs(stack: Stack, env: dict[str, str]) -> None:
+    run("dbt docs generate", [DBT, "docs", "generate"], env, cwd=DBT_DIR)
+    stack.start_process(
+        "dbt_docs",
+        [
+            PY,
+            "-m",
+            "http.server",
+            str(stack.s.docs_port),
+            "--bind",
+            stack.s.host,
+            "--directory",
+            str(DBT_DIR / "target"),
+        ],
+        env,
+    )
+    wait_until(lambda: port_open(stack.s.host, stack.s.docs_port), "the dbt docs site")
+
+
+def wait_for_live_usage(env: dict[str, str], timeout: float = 60.0) -> None:
+    """Poll the API's health until the HVS consumer has caught up or the deadline passes."""
+    auth = base64.b64encode(f"{env['API_USER']}:{env['API_PASSWORD']}".encode()).decode()
+    request = urllib.request.Request(
+        f"{env['API_URL']}/health", headers={"Authorization": f"Basic {auth}"}
+    )
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    wait_until(healthy, "the usage API to report healthy", timeout=timeout, interval=0.5)
+
+
+def summary(env: dict[str, str], env_file: Path) -> str:
+    user, password = env["API_USER"], env["API_PASSWORD"]
+    api = env["API_URL"]
+    return "\n".join(
+        [
+            "",
+            f"The demo is up. Connection variables: source {env_file}",
+            "",
+            f"  usage API   {api}/data_usage?msisdn=...&start_time=YYYYmmddHHMMSS&end_time=...",
+            f"              basic auth {user} / {password} (development default)",
+            f"              OpenAPI docs at {api}/docs",
+            f"  dbt docs    {env['DBT_DOCS_URL']}",
+            f'  warehouse   psql "{env["WTC_ANALYTICS_DSN"]}"',
+            f'  CRM source  psql "{env["WTC_PROD_DSN"]}"',
+            f"  SFTP        {env['SFTP_URL']}",
+            "",
+            f"  try:  source {env_file}",
+            "        msisdn=$(psql -Atc 'select msisdn from cdr_data.data_records limit 1' "
+            '"$WTC_ANALYTICS_DSN")',
+            f"        curl -s -u {quote(user)}:{quote(password)} "
+            '"$API_URL/data_usage?msisdn=$msisdn&start_time=20240101000000&end_time=20240103000000"',
+            "",
+            "`make stop` stops everything.",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="small")
+    parser.add_argument(
+        "--docs-only", action="store_true", help="only (re)generate and serve the dbt docs site"
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    stack = Stack()
+    env = demo_env(stack.s)
+    try:
+        stack.start()
+        env_file = stack.state / "demo.env"
+        write_env_file(env_file, env)
+        if args.docs_only:
+            serve_docs(stack, env)
+            print(f"dbt docs: {env['DBT_DOCS_URL']}")
+            return 0
+        started = time.monotonic()
+        scale = SCALES[args.scale]
+        generate(scale, stack, env)
+        land_once(env)
+        start_live(stack, env)
+        build_warehouse(stack, env)
+        wait_for_live_usage(env)
+        log.info("demo ready", extra={"seconds": round(time.monotonic() - started, 1)})
+    except StackError as exc:
+        log.error("%s", exc)
+        log.error("see the logs under %s; `make stop` stops what started", stack.run_dir)
+        return 1
+    print(summary(env, env_file))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Settings, logs and the demo's environment file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+
+import psycopg
+
+from ops.demo import demo_env, write_env_file
+from ops.logs import JsonFormatter, ReadableFormatter
+from ops.settings import Connections, StackSettings
+
+
+def test_settings_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("WTC_PG_PORT", "6543")
+    monkeypatch.setenv("WTC_PG_PASSWORD", "p@ss:w/rd")
+    monkeypatch.setenv("WTC_STATE_DIR", str(tmp_path))
+    s = StackSettings()
+    assert s.pg_port == 6543
+    assert s.cdr_dir == tmp_path / "sftp" / "cdr_data"
+    info = psycopg.conninfo.conninfo_to_dict(s.analytics_dsn)
+    assert info == {
+        "user": "postgres",
+        "password": "p@ss:w/rd",
+        "host": "127.0.0.1",
+        "port": "6543",
+        "dbname": "wtc_analytics",
+    }
+    monkeypatch.setenv("WTC_ANALYTICS_DSN", "postgresql://elsewhere/wtc_analytics")
+    monkeypatch.setenv("STREAM_URL", "kafka://127.0.0.1:9092")
+    c = Connections()
+    assert c.analytics_dsn == "postgresql://elsewhere/wtc_analytics"
+    assert c.stream_url == "kafka://127.0.0.1:9092"
+
+
+def _record(**extra) -> logging.LogRecord:
+    record = logging.makeLogRecord({"name": "wtc.test", "levelname": "INFO", "msg": "landed %s"})
+    record.args = ("file.csv",)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_json_log_lines_carry_the_extra_fields():
+    line = JsonFormatter().format(_record(rows=1000))
+    entry = json.loads(line)
+    assert entry["msg"] == "landed file.csv"
+    assert entry["rows"] == 1000
+    assert entry["level"] == "info" and entry["logger"] == "wtc.test"
+    assert "\n" not in line
+
+
+def test_readable_log_lines():
+    line = ReadableFormatter().format(_record(rows=1000))
+    assert line.endswith("wtc.test: landed file.csv  rows=1000")
+
+
+def test_demo_env_file_exports_every_documented_variable(tmp_path):
+    env = demo_env(StackSettings(state_dir=tmp_path, sftp_password="it's"))
+    documented = {
+        "WTC_ANALYTICS_DSN",
+        "WTC_PROD_DSN",
+        "REDIS_URL",
+        "SFTP_URL",
+        "CDR_DIR",
+        "API_URL",
+        "API_USER",
+        "API_PASSWORD",
+        "DBT_DOCS_URL",
+    }
+    assert documented <= set(env)
+    path = tmp_path / "demo.env"
+    write_env_file(path, env)
+    script = f"source {path} && " + " && ".join(f'echo "${k}"' for k in sorted(documented))
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [env[k] for k in sorted(documented)]
