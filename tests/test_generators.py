@@ -1,0 +1,298 @@
+"""The source generators against the data contract (docs/generators.md, shared data contract)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import re
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta
+
+import pytest
+
+from ingestion.generators.cdr import (
+    CALL_TYPES,
+    DATA_HEADER,
+    DATA_TYPES,
+    VOICE_HEADER,
+    CdrConfig,
+    cdr_files,
+    upload_cdr_files,
+    write_cdr_files,
+)
+from ingestion.generators.common import subscriber_pool
+
+NAME = re.compile(r"^cdr_(data|voice)_(\d{8}_\d{6})\.csv$")
+TS_FRACTION = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
+TS_WHOLE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")
+MSISDN = re.compile(r"^\d{13}$")
+
+
+def small(**overrides: object) -> CdrConfig:
+    knobs: dict[str, object] = {
+        "subscribers": 300,
+        "duration": timedelta(hours=1),
+        "rows_per_file": 100,
+    }
+    knobs.update(overrides)
+    return CdrConfig(**knobs)  # type: ignore[arg-type]
+
+
+def parse(content: bytes) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(content.decode("ascii"), newline="")))
+
+
+def parse_ts(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def window_of(name: str) -> datetime:
+    match = NAME.match(name)
+    assert match, name
+    return datetime.strptime(match.group(2), "%Y%m%d_%H%M%S")
+
+
+def events(files: list[tuple[str, bytes]]) -> list[tuple[str, datetime, str, datetime]]:
+    """(msisdn, event time, tower, window start) for every row of every file."""
+    out = []
+    for name, content in files:
+        for row in parse(content)[1:]:
+            out.append((row[0], parse_ts(row[-1]), row[1], window_of(name)))
+    return out
+
+
+# ---------------------------------------------------------------- CDR format
+
+
+def test_starter_files_match_the_contract_format() -> None:
+    config = small()
+    files = list(cdr_files(config))
+    assert len(files) == 2 * config.windows == 2 * 18
+    seen_ts = Counter()
+    msisdns: set[str] = set()
+    for name, content in files:
+        kind = NAME.match(name).group(1)  # type: ignore[union-attr]
+        header = DATA_HEADER if kind == "data" else VOICE_HEADER
+        assert content.startswith(",".join(header).encode() + b"\r\n")
+        assert content.endswith(b"\r\n")
+        # CRLF only: every LF is preceded by a CR.
+        assert content.count(b"\n") == content.count(b"\r\n") == 1 + config.rows_per_file
+        rows = parse(content)
+        assert rows[0] == list(header)
+        start = window_of(name)
+        end = start + timedelta(seconds=config.window_seconds)
+        for row in rows[1:]:
+            assert len(row) == len(header)
+            assert MSISDN.match(row[0])
+            msisdns.add(row[0])
+            assert 1 <= int(row[1]) <= 2000
+            ts = row[-1]
+            seen_ts[
+                "fraction" if TS_FRACTION.match(ts) else "whole" if TS_WHOLE.match(ts) else ts
+            ] += 1
+            assert start <= parse_ts(ts) < end
+            if kind == "data":
+                assert 100_000 <= int(row[2]) <= 1_000_000
+                assert 100_000 <= int(row[3]) <= 1_000_000
+                assert row[4] in DATA_TYPES
+                assert len(row[5].split(".")) == 4
+                assert row[6].startswith("http")
+            else:
+                assert row[2] in CALL_TYPES
+                assert MSISDN.match(row[3])
+                assert 1 <= int(row[4]) <= 1800
+        times = [parse_ts(r[-1]) for r in rows[1:]]
+        assert times != sorted(times), "rows inside a file are not in time order"
+    assert set(seen_ts) == {"fraction", "whole"}, seen_ts
+    assert seen_ts["whole"] < seen_ts["fraction"]
+    zeros = sum(m.startswith("0") for m in msisdns)
+    assert 0.03 < zeros / len(msisdns) < 0.2
+    assert msisdns <= set(subscriber_pool(config.seed, config.subscribers))
+
+
+def test_file_names_and_windows_follow_the_starter() -> None:
+    config = small()
+    names = [name for name, _ in cdr_files(config)]
+    assert names[:4] == [
+        "cdr_data_20240101_000320.csv",
+        "cdr_voice_20240101_000320.csv",
+        "cdr_data_20240101_000640.csv",
+        "cdr_voice_20240101_000640.csv",
+    ]
+    starts = [window_of(n) for n in names[::2]]
+    assert all(b - a == timedelta(seconds=200) for a, b in itertools.pairwise(starts))
+    # The full starter run is 864 pairs; the dev run 86 pairs of 1000 s over one day.
+    assert CdrConfig().windows == 864
+    assert CdrConfig(window_seconds=1000, duration=timedelta(days=1)).windows == 86
+
+
+def test_scale_knobs() -> None:
+    config = small(rows_per_file=7, window_seconds=600, duration=timedelta(hours=2))
+    files = list(cdr_files(config))
+    assert len(files) == 2 * 12
+    assert all(len(parse(c)) == 1 + 7 for _, c in files)
+    assert window_of(files[2][0]) - window_of(files[0][0]) == timedelta(minutes=10)
+    start = datetime(2024, 3, 1, 12, 0, 0)
+    first = next(cdr_files(small(start=start)))
+    assert first[0] == "cdr_data_20240301_120000.csv"
+    pool = subscriber_pool(0, 10)
+    rows = [r for _, c in cdr_files(small(subscribers=10)) for r in parse(c)[1:]]
+    assert {r[0] for r in rows} <= set(pool)
+
+
+def test_same_seed_same_bytes_other_seed_different() -> None:
+    for profile in ("starter", "realistic"):
+        a = list(cdr_files(small(profile=profile, seed=7)))
+        b = list(cdr_files(small(profile=profile, seed=7)))
+        c = list(cdr_files(small(profile=profile, seed=8)))
+        assert a == b
+        assert [n for n, _ in a] == [n for n, _ in c]
+        assert all(x != y for (_, x), (_, y) in zip(a, c, strict=True))
+
+
+def test_subscriber_pool_is_a_function_of_seed_and_count() -> None:
+    pool = subscriber_pool(3, 5000)
+    assert pool == subscriber_pool(3, 5000)
+    assert pool != subscriber_pool(4, 5000)
+    assert len(set(pool)) == 5000
+    assert all(MSISDN.match(m) for m in pool)
+    assert 0.07 < sum(m.startswith("0") for m in pool) / 5000 < 0.13
+
+
+# ---------------------------------------------------------------- realistic profile
+
+
+def longest_runs(rows: list[tuple[str, datetime, str, datetime]]) -> dict[str, int]:
+    """Longest run of consecutive events (by time) on one tower, per msisdn."""
+    by_msisdn: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
+    for msisdn, ts, tower, _ in rows:
+        by_msisdn[msisdn].append((ts, tower))
+    longest = {}
+    for msisdn, seq in by_msisdn.items():
+        seq.sort()
+        best = run = 1
+        for (_, prev), (_, cur) in itertools.pairwise(seq):
+            run = run + 1 if cur == prev else 1
+            best = max(best, run)
+        longest[msisdn] = best
+    return longest
+
+
+def test_realistic_profile_has_tower_sessions_and_the_starter_has_almost_none() -> None:
+    knobs = {"subscribers": 200, "duration": timedelta(hours=4), "rows_per_file": 100}
+    realistic = longest_runs(events(list(cdr_files(small(profile="realistic", **knobs)))))
+    starter = longest_runs(events(list(cdr_files(small(profile="starter", **knobs)))))
+    with_session = sum(run >= 3 for run in realistic.values())
+    assert with_session > 0.5 * len(realistic), (with_session, len(realistic))
+    assert sum(run >= 3 for run in starter.values()) < 0.05 * len(starter)
+
+
+def test_realistic_profile_has_late_rows_in_later_files() -> None:
+    config = small(profile="realistic", duration=timedelta(hours=3), rows_per_file=200)
+    rows = events(list(cdr_files(config)))
+    late = [(ts, window) for _, ts, _, window in rows if ts < window]
+    assert 0.005 < len(late) / len(rows) < 0.03
+    assert all(window - ts <= timedelta(minutes=30) for ts, window in late)
+    assert all(ts >= config.start for ts, _ in late)
+    starter = events(list(cdr_files(small(duration=timedelta(hours=3)))))
+    assert not [1 for _, ts, _, window in starter if ts < window]
+
+
+def test_realistic_usage_follows_the_time_of_day() -> None:
+    config = small(
+        profile="realistic",
+        start=datetime(2024, 1, 1),
+        duration=timedelta(days=1),
+        window_seconds=1800,
+        rows_per_file=100,
+    )
+    rows_by_hour: Counter[int] = Counter()
+    for name, content in cdr_files(config):
+        rows_by_hour[window_of(name).hour] += len(parse(content)) - 1
+    night = sum(rows_by_hour[h] for h in (1, 2, 3, 4))
+    evening = sum(rows_by_hour[h] for h in (18, 19, 20, 21))
+    assert evening > 5 * night
+
+
+# ---------------------------------------------------------------- malformed rows
+
+
+def classify(kind: str, row: list[str]) -> set[str]:
+    header = DATA_HEADER if kind == "data" else VOICE_HEADER
+    if len(row) != len(header):
+        return {"column_count"}
+    problems = set()
+    try:
+        datetime.fromisoformat(row[-1])
+    except ValueError:
+        problems.add("bad_timestamp")
+    if kind == "data":
+        if not all(re.fullmatch(r"-?\d+", v) for v in row[2:4]):
+            problems.add("non_numeric_bytes")
+        elif min(int(row[2]), int(row[3])) < 0:
+            problems.add("negative_bytes")
+        if row[4] not in DATA_TYPES:
+            problems.add("unknown_data_type")
+    else:
+        if row[2] not in CALL_TYPES:
+            problems.add("unknown_call_type")
+        if not 1 <= int(row[4]) <= 1800:
+            problems.add("absurd_duration")
+    return problems
+
+
+def malformed_kinds(config: CdrConfig) -> Counter[str]:
+    found: Counter[str] = Counter()
+    for name, content in cdr_files(config):
+        kind = NAME.match(name).group(1)  # type: ignore[union-attr]
+        for row in parse(content)[1:]:
+            found.update(f"{kind}:{p}" for p in classify(kind, row))
+    return found
+
+
+def test_malformed_option_produces_every_kind_and_the_default_none() -> None:
+    found = malformed_kinds(small(malformed_rate=0.05))
+    assert set(found) == {
+        "data:column_count",
+        "data:non_numeric_bytes",
+        "data:bad_timestamp",
+        "data:unknown_data_type",
+        "data:negative_bytes",
+        "voice:column_count",
+        "voice:bad_timestamp",
+        "voice:unknown_call_type",
+        "voice:absurd_duration",
+    }
+    total = sum(found.values())
+    assert 0.02 < total / (2 * 18 * 100) < 0.09
+    for profile in ("starter", "realistic"):
+        assert not malformed_kinds(small(profile=profile))
+
+
+# ---------------------------------------------------------------- writing and uploading
+
+
+def test_write_cdr_files_writes_final_names(tmp_path) -> None:
+    config = small(duration=timedelta(minutes=10))
+    paths = write_cdr_files(config, tmp_path / "cdr")
+    expected = list(cdr_files(config))
+    assert [p.name for p in paths] == [n for n, _ in expected]
+    assert [p.read_bytes() for p in paths] == [c for _, c in expected]
+    assert sorted(p.name for p in (tmp_path / "cdr").iterdir()) == sorted(n for n, _ in expected)
+
+
+def test_upload_cdr_files_over_sftp(stack) -> None:
+    config = small(duration=timedelta(minutes=10), seed=11)
+    remote = upload_cdr_files(config, stack.sftp_url)
+    expected = dict(cdr_files(config))
+    assert sorted(r.rsplit("/", 1)[-1] for r in remote) == sorted(expected)
+    for name, content in expected.items():
+        assert (stack.cdr_dir / name).read_bytes() == content
+        (stack.cdr_dir / name).unlink()
+
+
+@pytest.mark.parametrize("bad", [{"rows_per_file": 0}, {"duration": timedelta(seconds=10)}])
+def test_bad_knobs_get_a_clear_error(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        small(**bad)
