@@ -7,8 +7,10 @@ import io
 import itertools
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
+import psycopg
 import pytest
 
 from ingestion.generators.cdr import (
@@ -22,6 +24,23 @@ from ingestion.generators.cdr import (
     write_cdr_files,
 )
 from ingestion.generators.common import subscriber_pool
+from ingestion.generators.crm import (
+    DELETE_ACCOUNT,
+    DELETE_ACCOUNT_DEVICES,
+    DELETE_ADDRESS,
+    DELETE_DEVICE,
+    DEVICE_OS,
+    DEVICE_TYPES,
+    MAX_ID,
+    MIN_ID,
+    STATES,
+    UPSERT_ACCOUNT,
+    UPSERT_ADDRESS,
+    UPSERT_DEVICE,
+    CrmConfig,
+    crm_transactions,
+    run_crm,
+)
 
 NAME = re.compile(r"^cdr_(data|voice)_(\d{8}_\d{6})\.csv$")
 TS_FRACTION = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
@@ -296,3 +315,116 @@ def test_upload_cdr_files_over_sftp(stack) -> None:
 def test_bad_knobs_get_a_clear_error(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         small(**bad)
+
+
+# ---------------------------------------------------------------- CRM
+
+
+def replay(config: CrmConfig) -> tuple[dict, dict, dict]:
+    """The final CRM tables the transactions should leave, computed without SQL."""
+    accounts: dict[int, tuple] = {}
+    addresses: dict[int, tuple] = {}
+    devices: dict[int, tuple] = {}
+    for tx in crm_transactions(config):
+        for sql, params in tx.statements:
+            if sql == UPSERT_ACCOUNT:
+                accounts[params[0]] = params
+            elif sql == UPSERT_ADDRESS:
+                addresses[params[0]] = params
+            elif sql == UPSERT_DEVICE:
+                old = devices.get(params[0])
+                devices[params[0]] = params if old is None else (params[0], old[1], *params[2:])
+            elif sql == DELETE_ACCOUNT:
+                accounts.pop(params[0], None)
+            elif sql == DELETE_ADDRESS:
+                addresses.pop(params[0], None)
+            elif sql == DELETE_ACCOUNT_DEVICES:
+                for device_id in [d for d, row in devices.items() if row[1] == params[0]]:
+                    del devices[device_id]
+            elif sql == DELETE_DEVICE:
+                devices.pop(params[0], None)
+            else:
+                raise AssertionError(sql)
+    return accounts, addresses, devices
+
+
+@pytest.fixture
+def prod(stack) -> Iterator[psycopg.Connection]:
+    """A connection to `wtc_prod` whose CRM tables start (and are left) empty."""
+    tables = "crm_system.accounts, crm_system.addresses, crm_system.devices"
+    with psycopg.connect(stack.prod_dsn, autocommit=True) as conn:
+        conn.execute(f"truncate {tables}")
+        yield conn
+        conn.execute(f"truncate {tables}")
+
+
+def fetch(conn: psycopg.Connection, table: str, key: str) -> dict:
+    rows = conn.execute(f"select * from crm_system.{table} order by {key}").fetchall()
+    return {row[0]: tuple(row) for row in rows}
+
+
+def test_crm_starter_upserts_against_postgres(stack, prod) -> None:
+    config = CrmConfig(seed=5, subscribers=400, transactions=2000)
+    stats = run_crm(config, stack.prod_dsn)
+    assert stats.transactions == stats.upserts == 2000
+    assert stats.account_deletes == stats.device_deletes == 0
+    accounts, addresses, devices = replay(config)
+    assert fetch(prod, "accounts", "account_id") == accounts
+    assert fetch(prod, "addresses", "account_id") == addresses
+    assert fetch(prod, "devices", "device_id") == devices
+    # Ids repeat, so some transactions were updates; 2000 draws from 90 000 ids.
+    assert 1900 < len(accounts) < 2000
+    assert all(MIN_ID <= a <= MAX_ID for a in accounts)
+    # A device update keeps its old account_id.
+    written_with = {}
+    for tx in crm_transactions(config):
+        device = tx.statements[2][1]
+        written_with.setdefault(device[0], []).append(device[1])
+    kept_old = [d for d, ids in written_with.items() if len(ids) > 1 and ids[-1] != ids[0]]
+    assert kept_old
+    assert all(devices[d][1] == written_with[d][0] for d in kept_old)
+    # Values from the contract's sets; phone numbers from the CDR subscriber pool.
+    pool = set(subscriber_pool(5, 400))
+    assert {row[3] for row in accounts.values()} <= pool
+    assert len({row[3] for row in accounts.values()}) < len(accounts)  # shared numbers
+    assert {row[3] for row in addresses.values()} <= set(STATES)
+    assert {row[5] for row in addresses.values()} == {"ZAR"}
+    assert {row[3] for row in devices.values()} <= set(DEVICE_TYPES)
+    assert {row[4] for row in devices.values()} <= set(DEVICE_OS)
+    # The simulated clock: starts 2024-01-01 00:00 and advances about 1 s per statement.
+    first, last = prod.execute(
+        "select min(modified_ts), max(modified_ts) from ("
+        " select modified_ts from crm_system.accounts union all"
+        " select modified_ts from crm_system.devices) t"
+    ).fetchone()
+    assert first < datetime(2024, 1, 1, 1)
+    assert timedelta(seconds=6000) < last - datetime(2024, 1, 1) < timedelta(seconds=7800)
+    # Each CRM transaction committed on its own: an account and its address share a
+    # transaction id, and no two accounts do.
+    xids = prod.execute(
+        "select a.xmin::text, d.xmin::text from crm_system.accounts a"
+        " join crm_system.addresses d using (account_id)"
+    ).fetchall()
+    assert all(a == b for a, b in xids)
+    assert len({a for a, _ in xids}) == len(accounts)
+
+
+def test_crm_realistic_deletes_against_postgres(stack, prod) -> None:
+    config = CrmConfig(profile="realistic", seed=6, subscribers=400, transactions=1500)
+    stats = run_crm(config, stack.prod_dsn)
+    assert stats.account_deletes > 10 and stats.device_deletes > 10
+    assert stats.upserts + stats.account_deletes + stats.device_deletes == 1500
+    accounts, addresses, devices = replay(config)
+    assert fetch(prod, "accounts", "account_id") == accounts
+    assert fetch(prod, "addresses", "account_id") == addresses
+    assert fetch(prod, "devices", "device_id") == devices
+    upserted = {tx.statements[0][1][0] for tx in crm_transactions(config) if tx.kind == "upsert"}
+    assert len(accounts) < len(upserted)
+
+
+def test_crm_is_deterministic_by_seed() -> None:
+    def plan(seed: int) -> list:
+        return list(crm_transactions(CrmConfig(seed=seed, subscribers=100, transactions=200)))
+
+    assert plan(1) == plan(1)
+    assert plan(1) != plan(2)
