@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import re
+import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -41,6 +44,8 @@ from ingestion.generators.crm import (
     crm_transactions,
     run_crm,
 )
+from ingestion.generators.forex import PAIRS, ForexConfig, publish_ticks, tick_messages
+from ingestion.stream import open_consumer
 
 NAME = re.compile(r"^cdr_(data|voice)_(\d{8}_\d{6})\.csv$")
 TS_FRACTION = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}$")
@@ -428,3 +433,74 @@ def test_crm_is_deterministic_by_seed() -> None:
 
     assert plan(1) == plan(1)
     assert plan(1) != plan(2)
+
+
+# ---------------------------------------------------------------- forex
+
+VALUE = re.compile(
+    r'^\{"timestamp": "(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6})", "pair_name": "(MRVZAR|WAKMRV)", '
+    r'"bid_price": (\d\.\d{1,4}), "ask_price": (\d\.\d{1,4}), "spread": (0\.\d{1,4})\}$'
+)
+
+
+def test_tick_messages_match_the_contract() -> None:
+    config = ForexConfig(seed=3, duration=timedelta(minutes=10))
+    messages = list(tick_messages(config))
+    # 10 minutes at one step per 500 ms on average, two pairs per step.
+    assert 2280 < len(messages) < 2520
+    steps: list[datetime] = []
+    for i, (key, value) in enumerate(messages):
+        match = VALUE.match(value.decode())
+        assert match, value
+        ts_text, pair, bid, ask, spread = match.groups()
+        assert pair == PAIRS[i % 2]
+        ts = datetime.strptime(ts_text, "%Y-%m-%d %H:%M:%S.%f")
+        assert key == f'"{pair}-{ts:%Y-%m-%d %H:%M}"'.encode()
+        assert json.loads(key) == f"{pair}-{ts_text[:16]}"
+        assert 1.0 <= float(bid) <= 2.0
+        assert 0.01 <= float(spread) <= 0.05
+        assert float(ask) == round(float(bid) + float(spread), 4)
+        record = json.loads(value)
+        assert list(record) == ["timestamp", "pair_name", "bid_price", "ask_price", "spread"]
+        if i % 2:
+            assert ts == steps[-1], "both pairs of a step share the timestamp"
+        else:
+            steps.append(ts)
+    assert steps[0] > config.start
+    gaps = [(b - a) / timedelta(milliseconds=1) for a, b in itertools.pairwise(steps)]
+    assert min(gaps) >= 400 and max(gaps) <= 600
+    assert 480 < sum(gaps) / len(gaps) < 520
+    assert steps[-1] < config.start + config.duration
+    # Prices are independent draws in the starter profile.
+    bids = [json.loads(v)["bid_price"] for _, v in messages[::2]]
+    jumps = [abs(b - a) for a, b in itertools.pairwise(bids)]
+    assert 0.25 < sum(jumps) / len(jumps) < 0.42  # E|U1 - U2| = 1/3 for independent draws
+
+
+def test_tick_messages_deterministic_by_seed_and_profiles_differ() -> None:
+    def run(**knobs: object) -> list[tuple[bytes, bytes]]:
+        return list(tick_messages(ForexConfig(duration=timedelta(minutes=1), **knobs)))
+
+    assert run(seed=1) == run(seed=1)
+    assert run(seed=1) != run(seed=2)
+    walk = [json.loads(v)["bid_price"] for _, v in run(seed=1, profile="realistic")[::2]]
+    assert max(abs(b - a) for a, b in itertools.pairwise(walk)) < 0.02
+    assert not [v for _, v in run(seed=1) if not VALUE.match(v.decode())]
+    bad = [v for _, v in run(seed=1, malformed_rate=0.2) if not VALUE.match(v.decode())]
+    assert 0.1 * 240 < len(bad) < 0.3 * 240
+
+
+def test_publish_ticks_through_redis_streams(stack) -> None:
+    config = ForexConfig(seed=4, duration=timedelta(minutes=2))
+    topic = f"tick-data-test-{uuid.uuid4().hex[:8]}"
+    published = publish_ticks(config, stack.stream_url, topic=topic, batch=100)
+    expected = list(tick_messages(config))
+    assert published == len(expected)
+    received: list[tuple[bytes | None, bytes]] = []
+    deadline = time.monotonic() + 30
+    with open_consumer(stack.stream_url, [topic], "generator-test") as consumer:
+        while len(received) < len(expected) and time.monotonic() < deadline:
+            batch = consumer.poll(max_messages=1000, timeout=0.5)
+            received.extend((m.key, m.value) for m in batch)
+            consumer.commit(batch)
+    assert received == expected
