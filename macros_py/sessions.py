@@ -81,6 +81,27 @@ def tower_sessions(
     return sessions
 
 
+def replay_start(
+    history: Iterable[Record], first_new: tuple[datetime, str, str, int]
+) -> tuple[datetime, str, str, int] | None:
+    """Where an incremental run must restart one msisdn's session scan.
+
+    `history` is the msisdn's interactions already processed, `first_new` the order key of its
+    earliest new (or late) interaction. Returns the order key of the first interaction of the run
+    that holds the last interaction before `first_new` (None: replay everything). Sessions that
+    start at or after that key are recomputed from the interactions at or after it; earlier
+    sessions cannot change.
+    """
+    before = sorted((r for r in history if order_key(r) < first_new), key=order_key)
+    if not before:
+        return None
+    i = len(before) - 1
+    tower = before[i].tower_id
+    while i > 0 and before[i - 1].tower_id == tower:
+        i -= 1
+    return order_key(before[i])
+
+
 def sessions_hourly(sessions: Iterable[Session]) -> list[SessionHour]:
     """Sessions per (hour of session_start, msisdn, tower_id), sorted by that key."""
     acc: dict[tuple[datetime, str, int], list[int]] = {}

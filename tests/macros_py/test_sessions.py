@@ -6,7 +6,7 @@ import random
 from datetime import datetime, timedelta
 
 from macros_py.records import DataRecord, VoiceRecord
-from macros_py.sessions import Session, order_key, sessions_hourly, tower_sessions
+from macros_py.sessions import Session, order_key, replay_start, sessions_hourly, tower_sessions
 
 T0 = datetime(2024, 1, 1)
 M = "0712345678901"
@@ -125,3 +125,21 @@ def test_run_scan_equals_gaps_and_islands_formulation() -> None:
     assert len(sessions) > 50
     assert sessions == _islands_reference(records)
     assert all(s.interactions >= 3 for s in sessions)
+
+
+def test_incremental_replay_from_the_open_run_equals_a_full_computation() -> None:
+    rng = random.Random(12)
+    for trial in range(200):
+        records = [d(rng.choice([1, 1, 2]), rng.randrange(0, 600, 10), line=i) for i in range(40)]
+        if trial % 2:  # in-order arrival: the new rows follow the history
+            records.sort(key=order_key)
+        history, new = records[:30], records[30:]  # otherwise new rows may be late
+        first_new = min(order_key(r) for r in new)
+        start = replay_start(history, first_new)
+        # runs wholly before the replay point keep their sessions
+        kept = tower_sessions([r for r in history if start is not None and order_key(r) < start])
+        replayed = [r for r in history + new if start is None or order_key(r) >= start]
+        combined = sorted(
+            kept + tower_sessions(replayed), key=lambda s: (s.msisdn, s.session_start, s.tower_id)
+        )
+        assert combined == tower_sessions(history + new)
