@@ -61,28 +61,64 @@ class AccountIndex:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceVersion:
+    """One version of a device, valid on [valid_from, valid_to)."""
+
+    device_id: int
+    account_id: int | None
+    valid_from: datetime
+    valid_to: datetime | None = None
+
+
+class DeviceIndex:
+    """The device shown for an account at an instant: of the device versions valid then that point
+    at the account, the one with the latest valid_from, ties to the highest device_id."""
+
+    def __init__(self, versions: Iterable[DeviceVersion]) -> None:
+        self._by_account: dict[int, list[DeviceVersion]] = {}
+        for v in versions:
+            if v.account_id is not None:
+                self._by_account.setdefault(v.account_id, []).append(v)
+
+    def devices_at(self, account_id: int, ts: datetime) -> list[DeviceVersion]:
+        """Valid devices of the account at `ts`, the shown one first."""
+        valid = [
+            v
+            for v in self._by_account.get(account_id, ())
+            if v.valid_from <= ts and (v.valid_to is None or ts < v.valid_to)
+        ]
+        return sorted(valid, key=lambda v: (v.valid_from, v.device_id), reverse=True)
+
+    def device_at(self, account_id: int, ts: datetime) -> DeviceVersion | None:
+        valid = self.devices_at(account_id, ts)
+        return valid[0] if valid else None
+
+
+@dataclass(frozen=True, slots=True)
 class HourUsage:
     account_id: int
     hour_start: datetime
     call_seconds: int
     data_bytes: int
+    last_event_ts: datetime | None = None  # "as of that hour": user and device info at this instant
 
 
 def hourly_usage(records: Iterable[Record], accounts: AccountIndex) -> list[HourUsage]:
     """Attributed usage per (account_id, hour of the event), sorted; unmatched events dropped."""
-    acc: dict[tuple[int, datetime], list[int]] = {}
+    acc: dict[tuple[int, datetime], list] = {}
     for r in records:
         account_id = accounts.account_at(r.msisdn, r.event_ts)
         if account_id is None:
             continue
-        a = acc.setdefault((account_id, floor_hour(r.event_ts)), [0, 0])
+        a = acc.setdefault((account_id, floor_hour(r.event_ts)), [0, 0, r.event_ts])
         if isinstance(r, VoiceRecord):
             a[0] += r.call_duration_sec
         elif isinstance(r, DataRecord):
             a[1] += r.total_bytes
         else:
             raise TypeError(f"expected a DataRecord or VoiceRecord, got {type(r).__name__}")
-    return [HourUsage(k[0], k[1], s, b) for k, (s, b) in sorted(acc.items())]
+        a[2] = max(a[2], r.event_ts)
+    return [HourUsage(k[0], k[1], s, b, last) for k, (s, b, last) in sorted(acc.items())]
 
 
 def hour_cost_zar(call_seconds: int, data_bytes: int) -> Decimal:

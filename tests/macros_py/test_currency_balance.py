@@ -11,6 +11,8 @@ from macros_py.balance import (
     AccountIndex,
     AccountVersion,
     BalanceRow,
+    DeviceIndex,
+    DeviceVersion,
     HourUsage,
     balance_rows,
     hour_cost_zar,
@@ -151,9 +153,25 @@ def test_hourly_usage_attributes_each_event_at_its_own_time() -> None:
         DataRecord("nobody", 1, 1, 2, "text", T0 + H),
     ]
     assert hourly_usage(records, idx) == [
-        HourUsage(10, T0, 90, 300),
-        HourUsage(20, T0 + H, 0, 3),
+        HourUsage(10, T0, 90, 300, T0 + timedelta(minutes=59, seconds=59)),
+        HourUsage(20, T0 + H, 0, 3, T0 + H),
     ]
+
+
+def test_device_shown_is_the_latest_valid_one_pointing_at_the_account() -> None:
+    devices = DeviceIndex(
+        [
+            DeviceVersion(1, 10, T0, T0 + 2 * H),  # deleted at hour 2
+            DeviceVersion(2, 10, T0 + H, None),
+            DeviceVersion(3, 10, T0 + H, None),  # same valid_from as 2: highest id shown
+            DeviceVersion(4, 11, T0, None),
+            DeviceVersion(5, None, T0, None),
+        ]
+    )
+    assert devices.device_at(10, T0).device_id == 1  # type: ignore[union-attr]
+    assert [d.device_id for d in devices.devices_at(10, T0 + H)] == [3, 2, 1]
+    assert [d.device_id for d in devices.devices_at(10, T0 + 2 * H)] == [3, 2]
+    assert devices.device_at(12, T0) is None
 
 
 # -- balance -------------------------------------------------------------------------------------
