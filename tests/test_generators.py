@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 import re
+import shutil
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -16,6 +17,7 @@ from datetime import datetime, timedelta
 import psycopg
 import pytest
 
+from ingestion.generators.__main__ import main as cli_main
 from ingestion.generators.cdr import (
     CALL_TYPES,
     DATA_HEADER,
@@ -504,3 +506,52 @@ def test_publish_ticks_through_redis_streams(stack) -> None:
             received.extend((m.key, m.value) for m in batch)
             consumer.commit(batch)
     assert received == expected
+
+
+# ---------------------------------------------------------------- pace and command line
+
+
+def test_realtime_pace_gives_the_same_output() -> None:
+    fast = list(cdr_files(small(duration=timedelta(minutes=10))))
+    paced = list(cdr_files(small(duration=timedelta(minutes=10), pace="realtime", speed=1e6)))
+    assert paced == fast
+    ticks = ForexConfig(duration=timedelta(seconds=30))
+    assert list(tick_messages(ticks)) == list(
+        tick_messages(ForexConfig(duration=timedelta(seconds=30), pace="realtime", speed=1e6))
+    )
+
+
+@pytest.mark.parametrize("source", ["cdr", "crm", "forex"])
+def test_cli_help(source: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([source, "--help"])
+    assert exit_info.value.code == 0
+
+
+def test_cli_runs_each_source(stack, prod, tmp_path, capsys) -> None:
+    out = tmp_path / "cdr"
+    assert cli_main(["cdr", "--hours", "0.5", "--rows-per-file", "20", "--out", str(out)]) == 0
+    assert len(list(out.iterdir())) == 2 * 9
+    assert json.loads(capsys.readouterr().out)["files"] == 18
+
+    remote = f"cli-{uuid.uuid4().hex[:6]}"
+    args = ["cdr", "--hours", "0.2", "--rows-per-file", "5", "--sftp-url", stack.sftp_url]
+    try:
+        assert cli_main([*args, "--remote-dir", remote, "--profile", "realistic"]) == 0
+        assert len(list((stack.cdr_dir / remote).iterdir())) == 2 * 3
+    finally:
+        shutil.rmtree(stack.cdr_dir / remote, ignore_errors=True)
+    capsys.readouterr()
+
+    args = ["crm", "--transactions", "50", "--subscribers", "100", "--dsn", stack.prod_dsn]
+    assert cli_main(args) == 0
+    assert json.loads(capsys.readouterr().out)["transactions"] == 50
+    assert prod.execute("select count(*) from crm_system.accounts").fetchone()[0] == 50
+
+    topic = f"tick-cli-{uuid.uuid4().hex[:6]}"
+    args = ["forex", "--hours", "0.01", "--stream-url", stack.stream_url, "--topic", topic]
+    assert cli_main(args) == 0
+    published = json.loads(capsys.readouterr().out)["messages"]
+    assert published == len(list(tick_messages(ForexConfig(duration=timedelta(hours=0.01)))))
+
+    assert cli_main(["cdr", "--hours", "0.01", "--out", str(out)]) == 2  # shorter than a window

@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -343,8 +343,13 @@ def cdr_files(config: CdrConfig) -> Iterator[tuple[str, bytes]]:
         yield voice_name, _csv_bytes(VOICE_HEADER, voice_rows)
 
 
-def write_cdr_files(config: CdrConfig, directory: Path) -> list[Path]:
-    """Write the files into `directory` in place under their final names; return the paths."""
+def write_cdr_files(
+    config: CdrConfig, directory: Path, progress: Callable[[int], None] | None = None
+) -> list[Path]:
+    """Write the files into `directory` in place under their final names; return the paths.
+
+    `progress(1)` is called after every file.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, content in cdr_files(config):
@@ -352,15 +357,22 @@ def write_cdr_files(config: CdrConfig, directory: Path) -> list[Path]:
         with path.open("wb") as handle:
             handle.write(content)
         written.append(path)
+        if progress:
+            progress(1)
     log.info("cdr files written", extra={"files": len(written), "directory": str(directory)})
     return written
 
 
-def upload_cdr_files(config: CdrConfig, sftp_url: str, remote_dir: str = ".") -> list[str]:
+def upload_cdr_files(
+    config: CdrConfig,
+    sftp_url: str,
+    remote_dir: str = ".",
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
     """Upload the files over SFTP in place under their final names (no temp name).
 
     `sftp_url` is `sftp://user:password@host:port/`; `remote_dir` is relative to the user's start
-    directory unless absolute. Returns the remote paths.
+    directory unless absolute. Returns the remote paths; `progress(1)` is called after every file.
     """
     import paramiko
 
@@ -375,12 +387,18 @@ def upload_cdr_files(config: CdrConfig, sftp_url: str, remote_dir: str = ".") ->
         )
         sftp = paramiko.SFTPClient.from_transport(transport)
         assert sftp is not None
+        try:
+            sftp.stat(remote_dir)
+        except FileNotFoundError:
+            sftp.mkdir(remote_dir)
         for name, content in cdr_files(config):
             remote = posixpath.join(remote_dir, name)
             with sftp.open(remote, "wb") as handle:
                 handle.set_pipelined(True)
                 handle.write(content)
             uploaded.append(remote)
+            if progress:
+                progress(1)
         sftp.close()
     finally:
         transport.close()
