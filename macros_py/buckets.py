@@ -6,6 +6,7 @@ SQL twin: `date_trunc('minute'|'hour'|'day', ts)` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 MINUTE = timedelta(minutes=1)
@@ -71,6 +72,11 @@ def width_of(width: str | timedelta) -> timedelta:
     if width not in _FLOORS:
         raise ValueError(f"unsupported width {width!r}; supported: 1 min, 15 min, 30 min, 1 h, 1 d")
     return width
+
+
+def floor_function(width: str | timedelta) -> Callable[[datetime], datetime]:
+    """The floor function of a width, for loops that bucket many timestamps."""
+    return _FLOORS[width_of(width)]
 
 
 def floor_to(ts: datetime, width: str | timedelta) -> datetime:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from macros_py.buckets import floor_to, width_of
+from macros_py.buckets import floor_function, floor_to, width_of
 from macros_py.numeric import EXACT, div10
 
 EMA_PERIODS = (8, 21)
@@ -42,7 +42,7 @@ class Bar:
 
 def ohlc_bars(ticks: Iterable[Tick], width: str | timedelta) -> list[Bar]:
     """Bid-price bars per (pair_name, bar_start), sorted; one row per bar with ticks."""
-    w = width_of(width)
+    floor = floor_function(width)
     ordered = sorted(ticks, key=lambda t: (t.pair_name, t.tick_ts))
     bars: list[Bar] = []
     key: tuple[str, datetime] | None = None
@@ -53,7 +53,7 @@ def ohlc_bars(ticks: Iterable[Tick], width: str | timedelta) -> list[Bar]:
         if this == prev:
             raise ValueError(f"duplicate tick {t.pair_name} {t.tick_ts}: (pair, tick_ts) is a key")
         prev = this
-        k = (t.pair_name, floor_to(t.tick_ts, w))
+        k = (t.pair_name, floor(t.tick_ts))
         if k != key:
             if key is not None:
                 bars.append(_bar(key, prices))

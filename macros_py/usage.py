@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from macros_py.buckets import floor_to, width_of
+from macros_py.buckets import floor_function, floor_to, width_of
 from macros_py.records import DataRecord, Record, VoiceRecord
 from macros_py.tariffs import cost_zar
 
@@ -81,14 +81,14 @@ def usage_windows(records: Iterable[Record], width: str | timedelta) -> list[Usa
     Calls count wholly in the window of their start; bytes are 0 for calls, seconds 0 for data;
     the cost is the tariff of the row's summed bytes or seconds.
     """
-    w = width_of(width)
+    floor = floor_function(width)
     acc: dict[tuple[datetime, str, str, str], list[int]] = {}
     for r in records:
         if isinstance(r, DataRecord):
-            key = (floor_to(r.event_datetime, w), r.msisdn, "data", r.data_type)
+            key = (floor(r.event_datetime), r.msisdn, "data", r.data_type)
             up, down, seconds = r.up_bytes, r.down_bytes, 0
         elif isinstance(r, VoiceRecord):
-            key = (floor_to(r.start_time, w), r.msisdn, "call", r.call_type)
+            key = (floor(r.start_time), r.msisdn, "call", r.call_type)
             up, down, seconds = 0, 0, r.call_duration_sec
         else:
             raise TypeError(f"expected a DataRecord or VoiceRecord, got {type(r).__name__}")
