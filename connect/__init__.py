@@ -1,0 +1,1 @@
+"""Kafka Connect connector configs and their registration (scale-out stack)."""
