@@ -13,9 +13,7 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -27,7 +25,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from pydantic_settings import BaseSettings
 
 from connect.register import (
     CONNECTORS_DIR,
@@ -194,14 +191,29 @@ def test_streams_point_at_the_redpanda_cluster(compose_model):
 # -- env names of the project's services ----------------------------------------------------------
 
 
-def settings_env_names(cls: type[BaseSettings]) -> set[str]:
-    """The environment variables a pydantic-settings class reads (upper-cased)."""
-    prefix = cls.model_config.get("env_prefix", "") or ""
-    names = set()
-    for field_name, field in cls.model_fields.items():
-        alias = field.validation_alias or field.alias
-        names.add(str(alias).upper() if isinstance(alias, str) else f"{prefix}{field_name}".upper())
-    return names
+ENV_NAMES_PROBE = """
+import importlib, inspect, json, sys
+from pydantic_settings import BaseSettings
+packages, module = sys.argv[1].split(","), sys.argv[2]
+try:
+    importlib.import_module(module)
+except ModuleNotFoundError as exc:
+    if exc.name and module.startswith(exc.name):
+        print(json.dumps(None))
+        sys.exit(0)
+    raise
+names = set()
+for loaded_name, loaded in list(sys.modules.items()):
+    if loaded_name.split(".")[0] not in packages:
+        continue
+    for _, cls in inspect.getmembers(loaded, inspect.isclass):
+        if issubclass(cls, BaseSettings) and cls is not BaseSettings:
+            prefix = cls.model_config.get("env_prefix", "") or ""
+            for field_name, field in cls.model_fields.items():
+                alias = field.validation_alias or field.alias
+                names.add(alias if isinstance(alias, str) else prefix + field_name)
+print(json.dumps(sorted(n.upper() for n in names)))
+"""
 
 
 def module_of(command: list[str]) -> str | None:
@@ -215,21 +227,22 @@ def module_of(command: list[str]) -> str | None:
 
 
 def env_names_read_by(module_name: str) -> set[str]:
-    """Env names of every settings class in the project modules loaded by `module_name`."""
-    try:
-        importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            pytest.skip(f"{module_name} is not written yet")
-        raise
-    names = set(LOG_ENV)
-    for loaded_name, module in list(sys.modules.items()):
-        if loaded_name.split(".")[0] not in PROJECT_PACKAGES:
-            continue
-        for _, obj in inspect.getmembers(module, inspect.isclass):
-            if issubclass(obj, BaseSettings) and obj is not BaseSettings:
-                names |= settings_env_names(obj)
-    return names
+    """Env names of the settings classes in the project modules that `module_name` loads.
+
+    Imported in a fresh interpreter, so only that service's own import closure counts.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", ENV_NAMES_PROBE, ",".join(PROJECT_PACKAGES), module_name],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    names = json.loads(result.stdout.strip().splitlines()[-1])
+    if names is None:
+        pytest.skip(f"{module_name} is not written yet")
+    return set(names) | set(LOG_ENV)
 
 
 def python_services(compose_model: dict[str, Any]) -> dict[str, dict[str, Any]]:
