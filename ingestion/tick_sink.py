@@ -1,0 +1,449 @@
+"""Tick sink: forex ticks from the `tick-data` stream into `forex_data.ticks`, exactly once.
+
+Each batch from the stream (ingestion.stream, Redis Streams or Kafka) is parsed and checked in
+Python (prices as exact decimals), written with COPY into temporary tables and landed with one
+`insert ... select ... on conflict do nothing` on the natural key (`pair_name`, `tick_ts`) in
+one transaction together with the batch's rejected messages. The stream position is committed
+only after that database commit, so a crash in between redelivers a batch that lands nothing
+new. See docs/raw-layer.md (forex ticks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import psycopg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ingestion.stream import Message, StreamError, open_consumer
+from ops.logs import setup_logging
+from ops.settings import Connections
+
+log = logging.getLogger("ingestion.tick_sink")
+
+CRASH_EXIT_CODE = 75
+"""Exit code of a deliberate crash at `WTC_CRASH_POINT` (tests kill the process there)."""
+
+FIELDS = ("timestamp", "pair_name", "bid_price", "ask_price", "spread")
+PRICE_FIELDS = ("bid_price", "ask_price", "spread")
+_TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?$")
+
+
+def crash_point(name: str) -> None:
+    """Exit at once, without cleanup, when `WTC_CRASH_POINT` names this point (for tests)."""
+    if os.environ.get("WTC_CRASH_POINT") == name:
+        log.warning("crashing on purpose", extra={"crash_point": name})
+        logging.shutdown()
+        os._exit(CRASH_EXIT_CODE)
+
+
+class TickSinkSettings(BaseSettings):
+    """Settings of the tick sink; env vars `TICK_SINK_*` (DSN and stream URL default to the
+    shared `WTC_ANALYTICS_DSN` and `STREAM_URL`)."""
+
+    model_config = SettingsConfigDict(env_prefix="TICK_SINK_", extra="ignore")
+
+    analytics_dsn: str = Field(default_factory=lambda: Connections().analytics_dsn)
+    stream_url: str = Field(default_factory=lambda: Connections().stream_url)
+    topic: str = "tick-data"
+    group: str = "wtc-tick-sink"
+    consumer_name: str = Field(
+        default_factory=lambda: f"tick-sink-{socket.gethostname()}",
+        description="stable name: a restarted sink re-reads its own unacknowledged messages",
+    )
+    pairs: tuple[str, ...] = ("MRVZAR", "WAKMRV")
+    batch_size: int = Field(default=5000, ge=1)
+    poll_timeout: float = Field(default=1.0, gt=0, description="seconds one poll may wait")
+    idle_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="--once: give up waiting when the stream reports no lag figure for this long",
+    )
+    retry_seconds: float = Field(default=2.0, gt=0, description="wait before retrying a batch")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=19102, description="Prometheus metrics port; 0 = off")
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    pair_name: str
+    tick_ts: datetime
+    bid_price: Decimal
+    ask_price: Decimal
+    spread: Decimal
+
+
+class BadTick(ValueError):
+    """A message that is not a valid tick; the text is the reason stored with it."""
+
+
+def _no_constants(name: str) -> Decimal:
+    raise BadTick(f"not a finite number: {name}")
+
+
+def parse_tick(value: bytes, pairs: Sequence[str]) -> Tick:
+    """Parse and check one message value in the contract's JSON; raise BadTick with a reason."""
+    try:
+        obj = json.loads(value, parse_float=Decimal, parse_constant=_no_constants)
+    except BadTick:
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadTick(f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadTick(f"not a JSON object but {type(obj).__name__}")
+    missing = [f for f in FIELDS if obj.get(f) is None]
+    if missing:
+        raise BadTick(f"missing field(s): {', '.join(missing)}")
+    pair = obj["pair_name"]
+    if not isinstance(pair, str) or pair not in pairs:
+        raise BadTick(f"unknown pair {pair!r} (expected one of {', '.join(pairs)})")
+    ts = obj["timestamp"]
+    if not isinstance(ts, str) or not _TS_RE.match(ts):
+        raise BadTick(f"bad timestamp {ts!r}: expected 'YYYY-mm-dd HH:MM:SS[.ffffff]'")
+    try:
+        tick_ts = datetime.fromisoformat(ts)
+    except ValueError as exc:
+        raise BadTick(f"bad timestamp {ts!r}: {exc}") from None
+    prices: dict[str, Decimal] = {}
+    for name in PRICE_FIELDS:
+        v = obj[name]
+        if isinstance(v, bool) or not isinstance(v, int | Decimal):
+            raise BadTick(f"{name} is not a number: {v!r}")
+        prices[name] = Decimal(v)
+    bid, ask, spread = prices["bid_price"], prices["ask_price"], prices["spread"]
+    if bid <= 0 or ask <= 0:
+        raise BadTick(f"non-positive price: bid_price={bid} ask_price={ask}")
+    if spread < 0:
+        raise BadTick(f"negative spread: {spread}")
+    if ask < bid:
+        raise BadTick(f"inverted prices: ask_price {ask} < bid_price {bid}")
+    return Tick(pair, tick_ts, bid, ask, spread)
+
+
+def _text(raw: bytes | None) -> str | None:
+    """Bytes as storable text: invalid UTF-8 and NUL bytes escaped, nothing dropped."""
+    if raw is None:
+        return None
+    return raw.decode("utf-8", errors="backslashreplace").replace("\x00", "\\x00")
+
+
+class Metrics:
+    """Prometheus metrics of one sink (own registry, so tests can run several)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.messages = Counter(
+            "wtc_tick_sink_messages",
+            "Messages handled: landed, duplicate (already landed, e.g. redelivered), rejected",
+            ["outcome"],
+            registry=r,
+        )
+        self.batches = Counter("wtc_tick_sink_batches", "Batches landed", registry=r)
+        self.batch_seconds = Histogram(
+            "wtc_tick_sink_batch_seconds", "Time to land and commit one batch", registry=r
+        )
+        self.lag = Gauge(
+            "wtc_tick_sink_lag_messages", "Messages in the stream not yet committed", registry=r
+        )
+        self.last_tick = Gauge(
+            "wtc_tick_sink_last_tick_timestamp_seconds",
+            "Newest tick time landed (naive UTC read as UTC)",
+            registry=r,
+        )
+        self.errors = Counter(
+            "wtc_tick_sink_errors", "Batches that failed and were retried", registry=r
+        )
+
+    def serve(self, host: str, port: int) -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)
+            log.info("metrics served", extra={"host": host, "port": port})
+
+
+@dataclass
+class BatchResult:
+    messages: int = 0
+    landed: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+
+
+_STAGE_SQL = (
+    "create temp table if not exists tick_stage (seq integer, source text, message_key text, "
+    "payload text, pair_name text, tick_ts timestamp, bid_price numeric, ask_price numeric, "
+    "spread numeric) on commit delete rows",
+    "create temp table if not exists tick_reject_stage (source text, message_key text, "
+    "payload text, reason text) on commit delete rows",
+)
+
+_LAND_TICKS = """
+insert into forex_data.ticks (pair_name, tick_ts, bid_price, ask_price, spread, source)
+select distinct on (pair_name, tick_ts) pair_name, tick_ts, bid_price, ask_price, spread, %s
+from tick_stage
+order by pair_name, tick_ts, seq
+on conflict (pair_name, tick_ts) do nothing
+"""
+
+# Rejects of this batch, then ticks whose key already holds other prices; a message already
+# recorded (same topic and position, i.e. redelivered) is not recorded twice.
+_LAND_REJECTS = """
+insert into forex_data.rejected_messages (source, message_key, payload, reason)
+select x.source, x.message_key, x.payload, x.reason
+from tick_reject_stage x
+where not exists (select 1 from forex_data.rejected_messages r where r.source = x.source)
+"""
+
+_LAND_CONFLICTS = """
+insert into forex_data.rejected_messages (source, message_key, payload, reason)
+select x.source, x.message_key, x.payload, x.reason
+from (
+    select s.source, s.message_key, s.payload,
+        'conflicting duplicate: (' || s.pair_name || ', ' || s.tick_ts
+        || ') already landed with bid/ask/spread ' || t.bid_price || '/' || t.ask_price
+        || '/' || t.spread as reason
+    from tick_stage s
+    join forex_data.ticks t on t.pair_name = s.pair_name and t.tick_ts = s.tick_ts
+    where (t.bid_price, t.ask_price, t.spread) is distinct from (s.bid_price, s.ask_price, s.spread)
+) x
+where not exists (select 1 from forex_data.rejected_messages r where r.source = x.source)
+"""
+
+
+class TickSink:
+    """Lands batches of tick messages; owns one `wtc_analytics` connection."""
+
+    def __init__(self, settings: TickSinkSettings, metrics: Metrics | None = None) -> None:
+        self.s = settings
+        self.metrics = metrics or Metrics()
+        self._conn: psycopg.Connection | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(
+                self.s.analytics_dsn, autocommit=True, application_name="wtc_tick_sink"
+            )
+            for stmt in _STAGE_SQL:
+                self._conn.execute(stmt)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+
+    def land(self, messages: Sequence[Message]) -> BatchResult:
+        """Land one batch in one transaction; idempotent (a redelivered batch lands nothing)."""
+        result = BatchResult(messages=len(messages))
+        ticks: list[tuple] = []
+        rejects: list[tuple] = []
+        newest: datetime | None = None
+        for seq, m in enumerate(messages):
+            source = f"{m.topic}@{m.position}"
+            try:
+                t = parse_tick(m.value, self.s.pairs)
+            except BadTick as exc:
+                rejects.append((source, _text(m.key), _text(m.value), str(exc)))
+                continue
+            ticks.append(
+                (
+                    seq,
+                    source,
+                    _text(m.key),
+                    _text(m.value),
+                    t.pair_name,
+                    t.tick_ts,
+                    t.bid_price,
+                    t.ask_price,
+                    t.spread,
+                )
+            )
+            if newest is None or t.tick_ts > newest:
+                newest = t.tick_ts
+        conn = self.conn
+        with conn.transaction():
+            cur = conn.cursor()
+            if ticks:
+                with cur.copy(
+                    "copy tick_stage (seq, source, message_key, payload, pair_name, tick_ts, "
+                    "bid_price, ask_price, spread) from stdin"
+                ) as copy:
+                    for row in ticks:
+                        copy.write_row(row)
+                cur.execute(_LAND_TICKS, (self.s.topic,))
+                result.landed = cur.rowcount
+                if result.landed < len(ticks):
+                    cur.execute(_LAND_CONFLICTS)
+                    result.rejected += cur.rowcount
+            if rejects:
+                with cur.copy(
+                    "copy tick_reject_stage (source, message_key, payload, reason) from stdin"
+                ) as copy:
+                    for row in rejects:
+                        copy.write_row(row)
+                cur.execute(_LAND_REJECTS)
+                result.rejected += cur.rowcount
+        # Everything else was here before: a redelivered message or an identical repeat.
+        result.duplicates = result.messages - result.landed - result.rejected
+        m = self.metrics
+        m.messages.labels("landed").inc(result.landed)
+        m.messages.labels("duplicate").inc(result.duplicates)
+        m.messages.labels("rejected").inc(result.rejected)
+        m.batches.inc()
+        if newest is not None and result.landed:
+            m.last_tick.set(newest.replace(tzinfo=UTC).timestamp())
+        return result
+
+    def run(
+        self,
+        once: bool = False,
+        stop: threading.Event | None = None,
+        after_db_commit: Callable[[Sequence[Message]], None] | None = None,
+    ) -> BatchResult:
+        """Consume until drained (`once`) or `stop` is set; returns the totals.
+
+        `after_db_commit` runs between the database commit and the stream commit (tests use it
+        to simulate a crash there).
+        """
+        stop = stop or threading.Event()
+        total = BatchResult()
+        idle_since = time.monotonic()
+        with open_consumer(
+            self.s.stream_url,
+            [self.s.topic],
+            self.s.group,
+            consumer_name=self.s.consumer_name,
+            start="earliest",
+        ) as consumer:
+            while not stop.is_set():
+                messages = consumer.poll(self.s.batch_size, self.s.poll_timeout)
+                if not messages:
+                    lag = consumer.lag()
+                    if lag is not None:
+                        self.metrics.lag.set(lag)
+                    if once and (lag == 0 or time.monotonic() - idle_since > self.s.idle_timeout):
+                        break
+                    continue
+                idle_since = time.monotonic()
+                started = time.monotonic()
+                result = self._land_with_retry(messages, stop, retry=not once)
+                if result is None:  # stopped while retrying: nothing committed
+                    break
+                crash_point("tick_sink.after_db_commit")
+                if after_db_commit is not None:
+                    after_db_commit(messages)
+                consumer.commit(messages)
+                self.metrics.batch_seconds.observe(time.monotonic() - started)
+                lag = consumer.lag()
+                if lag is not None:
+                    self.metrics.lag.set(lag)
+                for name in ("messages", "landed", "duplicates", "rejected"):
+                    setattr(total, name, getattr(total, name) + getattr(result, name))
+                log.info(
+                    "batch landed",
+                    extra={
+                        "messages": result.messages,
+                        "landed": result.landed,
+                        "duplicates": result.duplicates,
+                        "rejected": result.rejected,
+                    },
+                )
+        return total
+
+    def _land_with_retry(
+        self, messages: Sequence[Message], stop: threading.Event, retry: bool
+    ) -> BatchResult | None:
+        while True:
+            try:
+                return self.land(messages)
+            except psycopg.OperationalError as exc:
+                self.metrics.errors.inc()
+                self.close()
+                if not retry:
+                    raise
+                log.warning(
+                    "database unavailable, retrying the batch",
+                    extra={"error": str(exc).strip(), "in_seconds": self.s.retry_seconds},
+                )
+                if stop.wait(self.s.retry_seconds):
+                    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ingestion.tick_sink",
+        description=(
+            "Land forex ticks from the tick-data stream into forex_data.ticks, exactly once; "
+            "bad messages go to forex_data.rejected_messages with a reason. Follows the stream "
+            "until SIGTERM/SIGINT, or drains it with --once. Settings come from the "
+            "environment: WTC_ANALYTICS_DSN, STREAM_URL (redis://host:port/db or "
+            "kafka://host:port,...) and TICK_SINK_* (e.g. TICK_SINK_TOPIC, TICK_SINK_GROUP, "
+            "TICK_SINK_BATCH_SIZE)."
+        ),
+    )
+    parser.add_argument("--once", action="store_true", help="drain the stream, then exit")
+    parser.add_argument("--topic", help="topic to consume (default tick-data)")
+    parser.add_argument("--group", help="consumer group (default wtc-tick-sink)")
+    parser.add_argument("--batch-size", type=int, help="messages per batch (default 5000)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port (default 19102, 0 off)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    overrides = {
+        k: v
+        for k, v in {
+            "topic": args.topic,
+            "group": args.group,
+            "batch_size": args.batch_size,
+            "metrics_port": args.metrics_port,
+        }.items()
+        if v is not None
+    }
+    settings = TickSinkSettings(**overrides)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("stopping after the current batch", extra={"signal": signum})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sink = TickSink(settings)
+    # A --once run is short: metrics only when a port was asked for.
+    sink.metrics.serve(
+        settings.metrics_host, settings.metrics_port if not args.once or args.metrics_port else 0
+    )
+    try:
+        total = sink.run(once=args.once, stop=stop)
+    except (StreamError, psycopg.OperationalError) as exc:
+        log.error("tick sink failed", extra={"error": str(exc).strip()})
+        return 1
+    finally:
+        sink.close()
+    log.info(
+        "tick sink finished",
+        extra={
+            "messages": total.messages,
+            "landed": total.landed,
+            "duplicates": total.duplicates,
+            "rejected": total.rejected,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

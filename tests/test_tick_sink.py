@@ -1,0 +1,313 @@
+"""Tick sink: parsing and checks, exactly-once landing across a crash and a redelivery, rejects,
+the command line (crash point, follow mode, SIGTERM, metrics), on Redis Streams and Kafka."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import httpx
+import pytest
+
+from ingestion.stream import open_producer
+from ingestion.tick_sink import (
+    CRASH_EXIT_CODE,
+    BadTick,
+    Metrics,
+    TickSink,
+    TickSinkSettings,
+    parse_tick,
+)
+from ops.stack import free_port
+
+PAIRS = ("MRVZAR", "WAKMRV")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tick_value(pair: str, ts: datetime, bid: float, spread: float) -> bytes:
+    """The contract's JSON value (4-decimal floats), as the starter writes it."""
+    bid, spread = round(bid, 4), round(spread, 4)
+    return json.dumps(
+        {
+            "timestamp": ts.strftime("%Y-%m-%d %H:%M:%S.%f"),
+            "pair_name": pair,
+            "bid_price": bid,
+            "ask_price": round(bid + spread, 4),
+            "spread": spread,
+        }
+    ).encode()
+
+
+def tick_key(pair: str, ts: datetime) -> bytes:
+    return json.dumps(f"{pair}-{ts:%Y-%m-%d %H:%M}").encode()
+
+
+def make_ticks(n_steps: int, start: datetime = datetime(2024, 1, 1)) -> list[tuple[bytes, bytes]]:
+    out = []
+    for i in range(n_steps):
+        ts = start + timedelta(milliseconds=500 * i + (i * 37) % 200)
+        for j, pair in enumerate(PAIRS):
+            out.append((tick_key(pair, ts), tick_value(pair, ts, 1 + (i * 7 + j) % 97 / 97, 0.01)))
+    return out
+
+
+def expected_rows(messages: list[tuple[bytes, bytes]]) -> set[tuple]:
+    """What the table must hold: the JSON's decimal text exactly, not a float."""
+    rows = set()
+    for _, value in messages:
+        obj = json.loads(value, parse_float=Decimal)
+        rows.add(
+            (
+                obj["pair_name"],
+                datetime.fromisoformat(obj["timestamp"]),
+                obj["bid_price"],
+                obj["ask_price"],
+                obj["spread"],
+            )
+        )
+    return rows
+
+
+BAD = [
+    (b"not json at all", "not JSON"),
+    (b'{"timestamp": "2024-01-01 00:00:01.0", "pair_name": "MRVZAR"', "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "ask_price": 1.2, '
+     b'"spread": 0.1}', "missing field(s): bid_price"),
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "EURUSD", "bid_price": 1.1, '
+     b'"ask_price": 1.2, "spread": 0.1}', "unknown pair 'EURUSD'"),
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": -1.1, '
+     b'"ask_price": 1.2, "spread": 0.1}', "non-positive price"),
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": 1.3, '
+     b'"ask_price": 1.2, "spread": 0.1}', "inverted prices"),
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": 1.1, '
+     b'"ask_price": 1.2, "spread": -0.1}', "negative spread"),
+    (b'{"timestamp": "2024-13-45 25:61:00.000000", "pair_name": "MRVZAR", "bid_price": 1.1, '
+     b'"ask_price": 1.2, "spread": 0.1}', "bad timestamp"),
+    (b'{"timestamp": "yesterday", "pair_name": "MRVZAR", "bid_price": 1.1, '
+     b'"ask_price": 1.2, "spread": 0.1}', "bad timestamp"),
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": "1.1", '
+     b'"ask_price": 1.2, "spread": 0.1}', "bid_price is not a number"),
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": NaN, '
+     b'"ask_price": 1.2, "spread": 0.1}', "not a finite number"),
+    (b"\xff\xfe\x00garbage", "not JSON"),
+]  # fmt: skip
+
+
+def test_parse_tick_is_exact_and_accepts_both_timestamp_forms() -> None:
+    ts = datetime(2024, 1, 1, 0, 0, 0, 570000)
+    t = parse_tick(tick_value("MRVZAR", ts, 1.7168, 0.043), PAIRS)
+    assert (t.bid_price, t.ask_price, t.spread) == (
+        Decimal("1.7168"),
+        Decimal("1.7598"),
+        Decimal("0.043"),
+    )
+    assert t.tick_ts == ts
+    whole = b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "WAKMRV", "bid_price": 1, '
+    whole += b'"ask_price": 2, "spread": 1}'
+    t = parse_tick(whole, PAIRS)
+    assert t.tick_ts == datetime(2024, 1, 1, 0, 0, 1)
+    assert t.bid_price == Decimal(1)
+
+
+@pytest.mark.parametrize(("value", "reason"), BAD)
+def test_parse_tick_rejects_with_reason(value: bytes, reason: str) -> None:
+    with pytest.raises(BadTick, match=None) as info:
+        parse_tick(value, PAIRS)
+    assert reason in str(info.value)
+
+
+@pytest.fixture(params=["redis", "kafka"])
+def stream_url(request: pytest.FixtureRequest, stack) -> str:
+    if request.param == "redis":
+        return stack.stream_url
+    return request.getfixturevalue("kafka_url")
+
+
+def sink_settings(stack, stream_url: str, topic: str, **kw) -> TickSinkSettings:
+    return TickSinkSettings(
+        analytics_dsn=stack.analytics_dsn,
+        stream_url=stream_url,
+        topic=topic,
+        group=f"g-{topic}",
+        consumer_name=f"c-{topic}",
+        batch_size=kw.pop("batch_size", 100),
+        poll_timeout=0.5,
+        metrics_port=0,
+        **kw,
+    )
+
+
+def publish(url: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    with open_producer(url) as producer:
+        producer.publish_many(topic, [(k, v, None) for k, v in messages])
+        producer.flush()
+
+
+def landed(analytics) -> set[tuple]:
+    return set(
+        analytics.execute(
+            "select pair_name, tick_ts, bid_price, ask_price, spread from forex_data.ticks"
+        ).fetchall()
+    )
+
+
+class Crash(Exception):
+    pass
+
+
+def test_exactly_once_across_crash_and_redelivery(stack, analytics, stream_url) -> None:
+    topic = f"ticks-{uuid.uuid4().hex[:8]}"
+    good = make_ticks(150)  # 300 messages
+    bad = [(b'"k"', value) for value, _ in BAD]
+    messages = good[:100] + bad + good[100:]
+    publish(stream_url, topic, messages)
+    settings = sink_settings(stack, stream_url, topic, batch_size=100)
+
+    # First run: the first batch commits in Postgres, then the process "dies" before the stream
+    # commit.
+    def crash(_batch) -> None:
+        raise Crash
+
+    sink = TickSink(settings, Metrics())
+    with pytest.raises(Crash):
+        sink.run(once=True, after_db_commit=crash)
+    sink.close()
+    first = landed(analytics)
+    assert 0 < len(first) <= 100
+
+    # Restart: the uncommitted batch comes again and changes nothing; the rest lands.
+    sink = TickSink(settings, Metrics())
+    total = sink.run(once=True)
+    sink.close()
+    assert total.messages == len(messages)  # the redelivered batch included
+    assert total.landed == len(good) - len(first)
+    assert total.duplicates >= len(first)  # the redelivered batch, rejects in it included
+    assert landed(analytics) == expected_rows(good)
+    (n,) = analytics.execute("select count(*) from forex_data.ticks").fetchone()
+    assert n == len(good)
+    rejected = analytics.execute(
+        "select message_key, payload, reason from forex_data.rejected_messages order by id"
+    ).fetchall()
+    assert len(rejected) == len(BAD)
+    for (key, payload, reason), (value, expected_reason) in zip(rejected, BAD, strict=True):
+        assert key == '"k"'
+        assert expected_reason in reason
+        assert payload == value.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+    (sources,) = analytics.execute(
+        "select count(distinct source) from forex_data.rejected_messages"
+    ).fetchone()
+    assert sources == len(BAD)
+
+    # Everything is committed now: a third run sees nothing.
+    sink = TickSink(settings, Metrics())
+    assert sink.run(once=True).messages == 0
+    sink.close()
+
+
+def test_repeats_and_conflicting_duplicates(stack, analytics) -> None:
+    topic = f"ticks-{uuid.uuid4().hex[:8]}"
+    ts = datetime(2024, 1, 1, 0, 0, 1)
+    original = tick_value("MRVZAR", ts, 1.5, 0.02)
+    repeat = original  # a producer retry: same tick again
+    conflicting = tick_value("MRVZAR", ts, 1.6, 0.02)
+    publish(stack.stream_url, topic, [(None, original), (None, repeat), (None, conflicting)])
+    total = TickSink(sink_settings(stack, stack.stream_url, topic), Metrics()).run(once=True)
+    assert (total.landed, total.duplicates, total.rejected) == (1, 1, 1)
+    assert landed(analytics) == expected_rows([(None, original)])
+    (reason,) = analytics.execute("select reason from forex_data.rejected_messages").fetchone()
+    assert reason.startswith("conflicting duplicate: (MRVZAR, 2024-01-01 00:00:01)")
+
+
+def _env(stack, topic: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        WTC_ANALYTICS_DSN=stack.analytics_dsn,
+        STREAM_URL=stack.stream_url,
+        TICK_SINK_TOPIC=topic,
+        TICK_SINK_GROUP=f"g-{topic}",
+        TICK_SINK_CONSUMER_NAME=f"c-{topic}",
+        TICK_SINK_BATCH_SIZE="50",
+        TICK_SINK_POLL_TIMEOUT="0.2",
+        WTC_LOG_FORMAT="json",
+        **extra,
+    )
+    return env
+
+
+def wait_for(check, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_cli_crash_point_then_follow_and_sigterm(stack, analytics) -> None:
+    """A real process killed between the database and the stream commit; a follower after it."""
+    topic = f"ticks-{uuid.uuid4().hex[:8]}"
+    good = make_ticks(100)
+    publish(stack.stream_url, topic, good)
+    cmd = [sys.executable, "-m", "ingestion.tick_sink"]
+
+    crashed = subprocess.run(
+        [*cmd, "--once"],
+        env=_env(stack, topic, WTC_CRASH_POINT="tick_sink.after_db_commit"),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr.decode()[-2000:]
+    assert len(landed(analytics)) == 50
+
+    port = free_port()
+    follower = subprocess.Popen(
+        [*cmd, "--metrics-port", str(port)],
+        env=_env(stack, topic),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: len(landed(analytics)) == len(good), "the first ticks")
+        more = make_ticks(20, start=datetime(2024, 1, 2))
+        publish(stack.stream_url, topic, more)
+        wait_for(lambda: len(landed(analytics)) == len(good) + len(more), "ticks while following")
+
+        def metrics() -> str:
+            return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+
+        wait_for(lambda: 'wtc_tick_sink_messages_total{outcome="landed"}' in metrics(), "metrics")
+        text = metrics()
+        assert (
+            f'wtc_tick_sink_messages_total{{outcome="landed"}} {len(good) + len(more) - 50}.0'
+            in text
+        )
+        assert 'wtc_tick_sink_messages_total{outcome="duplicate"} 50.0' in text
+        follower.send_signal(signal.SIGTERM)
+        rc = follower.wait(timeout=30)
+        assert rc == 0, follower.stderr.read().decode()[-2000:]
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert landed(analytics) == expected_rows(good + more)
+
+
+def test_cli_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ingestion.tick_sink", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0
+    assert "--once" in out.stdout and "forex_data.ticks" in out.stdout
