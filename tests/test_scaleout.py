@@ -88,10 +88,12 @@ def compose_binary() -> Path:
 
 
 def run_compose(binary: Path, compose_file: Path, *args: str) -> subprocess.CompletedProcess:
-    # A clean environment: no COMPOSE_* or secrets of the caller leak into the model.
+    # A clean environment and no .env: neither the caller's variables nor a local .env
+    # change the model under test (the defaults are what is checked).
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
     return subprocess.run(
-        [str(binary), "-f", str(compose_file), "--project-directory", str(PROJECT_ROOT), *args],
+        [str(binary), "-f", str(compose_file), "--project-directory", str(PROJECT_ROOT)]
+        + ["--env-file", os.devnull, *args],
         capture_output=True,
         text=True,
         env=env,
@@ -332,6 +334,12 @@ def created_topics() -> dict[str, tuple[int, int]]:
         name, partitions, replicas = shlex.split(line)[0].split()
         topics[name] = (int(partitions), int(replicas))
     return topics
+
+
+def test_topic_script_parses_and_creates_the_tick_topic_as_the_contract_says():
+    result = subprocess.run(["bash", "-n", str(TOPICS_SCRIPT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert created_topics()["tick-data"] == (12, 3)
 
 
 @pytest.fixture(scope="module")

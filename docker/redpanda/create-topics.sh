@@ -18,9 +18,10 @@ TOPICS=(
     "crm.crm_system.devices 3 3"
 )
 
+existing="$(rpk_ topic list | awk 'NR > 1 {print $1}')"
 for spec in "${TOPICS[@]}"; do
     read -r name partitions replicas <<<"$spec"
-    if rpk_ topic describe "$name" >/dev/null 2>&1; then
+    if grep -qxF "$name" <<<"$existing"; then
         echo "topic $name exists"
     else
         rpk_ topic create "$name" --partitions "$partitions" --replicas "$replicas"
