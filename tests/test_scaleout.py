@@ -91,9 +91,9 @@ def run_compose(binary: Path, compose_file: Path, *args: str) -> subprocess.Comp
     # A clean environment and no .env: neither the caller's variables nor a local .env
     # change the model under test (the defaults are what is checked).
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
+    base = [str(binary), "-f", str(compose_file), "--project-directory", str(PROJECT_ROOT)]
     return subprocess.run(
-        [str(binary), "-f", str(compose_file), "--project-directory", str(PROJECT_ROOT)]
-        + ["--env-file", os.devnull, *args],
+        [*base, "--env-file", os.devnull, *args],
         capture_output=True,
         text=True,
         env=env,
