@@ -178,6 +178,10 @@ def test_the_stack_has_the_architecture_parts(compose_model):
             assert service["build"]["dockerfile"] == "docker/python.Dockerfile", name
     for dockerfile in ("python.Dockerfile", "connect.Dockerfile"):
         assert (PROJECT_ROOT / "docker" / dockerfile).is_file()
+    python_dockerfile = (PROJECT_ROOT / "docker" / "python.Dockerfile").read_text()
+    assert "pip install -c constraints.txt" in python_dockerfile  # pinned installs
+    for source in re.findall(r"^COPY (?!--)(\S+)", python_dockerfile, re.M):
+        assert (PROJECT_ROOT / source).exists(), f"python.Dockerfile copies missing {source}"
     connect_dockerfile = (PROJECT_ROOT / "docker" / "connect.Dockerfile").read_text()
     assert "debezium-connector-postgres" in connect_dockerfile
     assert "debezium-connector-jdbc" in connect_dockerfile
