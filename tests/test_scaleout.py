@@ -701,3 +701,27 @@ def test_wait_for_connect_gives_up_with_a_clear_error():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(RegisterError, match="not ready"):
         wait_for_connect(url, timeout=0)
+
+
+def test_register_runs_as_the_compose_service_runs_it(compose_model, tmp_path):
+    """`python connect/register.py` as a script (no package context), env from the compose file."""
+    service = compose_model["services"]["connect-register"]
+    assert service["command"][:2] == ["python", "connect/register.py"]
+    env = {k: v for k, v in service["environment"].items() if v is not None}
+    for name in ("WTC_PROD_DSN", "WTC_ANALYTICS_DSN"):
+        assert ":postgres@" in env[name]  # the dev default password; make it recognisable
+        env[name] = env[name].replace(":postgres@", ":s3cret-pw@")
+    env |= {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "WTC_LOG_FORMAT": "text"}
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "connect" / "register.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"database.hostname": "postgres"' in result.stdout
+    assert '"connection.url": "jdbc:postgresql://postgres:5432/wtc_analytics"' in result.stdout
+    assert "s3cret-pw" not in result.stdout
+    assert result.stdout.count('"${env:WTC_PG_PASSWORD}"') == 4
