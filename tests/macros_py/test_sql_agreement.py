@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal as D
@@ -24,7 +23,8 @@ from macros_py.numeric import div10
 from macros_py.records import DataRecord, VoiceRecord
 from macros_py.sessions import tower_sessions
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "business-rules.md"
+ROOT = Path(__file__).resolve().parents[2]
+INDICATOR_MACRO = ROOT / "dbt" / "macros" / "forex" / "indicator_functions.sql"
 DIV10 = "round(round(({num})::numeric, 40) / ({den}), 10)"  # the doc's div10 macro
 ORDER = 'event_ts, category collate "C", source_file collate "C", line_no'
 T0 = datetime(2024, 1, 1)
@@ -166,11 +166,11 @@ def test_hourly_mid_sql_equals_python(pg: psycopg.Connection) -> None:
 
 
 def _reference_sql() -> str:
-    text = DOC.read_text()
-    appendix = text[text.index("## Appendix: reference SQL") :]
-    blocks = re.findall(r"```sql\n(.*?)```", appendix, flags=re.S)
-    assert len(blocks) == 2
-    return "\n".join(blocks).replace("<schema>", "pg_temp")
+    """The indicator aggregates exactly as the dbt project creates them, in pg_temp."""
+    text = INDICATOR_MACRO.read_text()
+    body = text[text.index("{% macro indicator_functions(schema) %}") :]
+    body = body[body.index("\n") + 1 : body.index("{% endmacro %}")]
+    return body.replace("{{ schema }}", "pg_temp")
 
 
 def _random_bars(n: int, seed: int) -> list[Bar]:
