@@ -1,4 +1,5 @@
 pytest_plugins = [
     "tests.fixtures.servers",
     "tests.fixtures.kafka",
+    "tests.fixtures.dbt",
 ]

@@ -1,0 +1,47 @@
+{#- docs/business-rules.md, section 4 (twin: macros_py/sessions.py). -#}
+
+{#- The total order of an msisdn's interactions: event time, then category ('call' before
+    'data'), source file and line, text compared in byte order. -#}
+{% macro interaction_order(alias=none, direction='') -%}
+    {%- set p = alias ~ '.' if alias else '' -%}
+    {{ p }}event_ts {{ direction }}, {{ p }}category collate "C" {{ direction }},
+    {{ p }}source_file collate "C" {{ direction }}, {{ p }}line_no {{ direction }}
+{%- endmacro %}
+
+{#- The same order key as a row value, for comparisons such as (key) < (other key). -#}
+{% macro interaction_key(alias=none) -%}
+    {%- set p = alias ~ '.' if alias else '' -%}
+    ({{ p }}event_ts, {{ p }}category collate "C", {{ p }}source_file collate "C", {{ p }}line_no)
+{%- endmacro %}
+
+{#- The runs (maximal sequences of consecutive interactions of an msisdn on one tower) of the
+    interactions in relation or CTE `interactions`, which must hold, per msisdn, every
+    interaction from a run start on (gaps and islands). One row per run: its tower, first
+    interaction (`run_start` and the rest of its order key), `run_end` (latest event end: a call
+    ends at start + duration), number of interactions and the latest raw `loaded_at`. -#}
+{% macro tower_runs(interactions) -%}
+    select
+        msisdn,
+        tower_id,
+        min(event_ts) as run_start,
+        (array_agg(category order by rn))[1] as first_category,
+        (array_agg(source_file order by rn))[1] as first_source_file,
+        (array_agg(line_no order by rn))[1] as first_line_no,
+        max(event_end) as run_end,
+        count(*)::bigint as interactions,
+        max(loaded_at) as max_loaded_at
+    from (
+        select
+            *,
+            row_number() over (
+                partition by msisdn order by {{ interaction_order() }}
+            ) as rn,
+            row_number() over (
+                partition by msisdn order by {{ interaction_order() }}
+            ) - row_number() over (
+                partition by msisdn, tower_id order by {{ interaction_order() }}
+            ) as island
+        from {{ interactions }}
+    ) as numbered
+    group by msisdn, tower_id, island
+{%- endmacro %}

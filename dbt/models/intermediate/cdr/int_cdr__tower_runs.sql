@@ -1,0 +1,122 @@
+{{
+    config(
+        materialized='incremental',
+        incremental_strategy='replace_tail',
+        unique_key=['msisdn', 'run_start', 'first_category', 'first_source_file', 'first_line_no'],
+        tail_partition='msisdn',
+        tail_key=['run_start', 'first_category', 'first_source_file', 'first_line_no'],
+        indexes=[
+            {
+                'columns': ['msisdn', 'run_start', 'first_category', 'first_source_file', 'first_line_no'],
+                'unique': true,
+            },
+            {'columns': ['computed_at']},
+        ],
+    )
+}}
+-- Every run of every msisdn (sessions are the runs of 3 or more), the state the incremental
+-- session marts build on. See the docs block `tower_sessions_incremental`.
+{% if is_incremental() %}
+    with
+
+    new_interactions as (
+        select
+            msisdn,
+            event_ts,
+            category,
+            source_file,
+            line_no
+        from {{ ref('int_cdr__interactions') }}
+        where loaded_at > {{ loaded_after() }}
+    ),
+
+    -- per msisdn, its first new interaction in the session order
+    first_new as (
+        select distinct on (msisdn)
+            msisdn,
+            event_ts,
+            category,
+            source_file,
+            line_no
+        from new_interactions
+        order by msisdn, {{ interaction_order() }}
+    ),
+
+    -- per msisdn, the stored run that starts last before it: everything before that run's start
+    -- stays as it is; the tail from there on is recomputed (null: the msisdn's whole history)
+    tails as (
+        select
+            first_new.msisdn,
+            kept.run_start,
+            kept.first_category,
+            kept.first_source_file,
+            kept.first_line_no
+        from first_new
+        left join lateral (
+            select
+                runs.run_start,
+                runs.first_category,
+                runs.first_source_file,
+                runs.first_line_no
+            from {{ this }} as runs
+            where
+                runs.msisdn = first_new.msisdn
+                and runs.run_start <= first_new.event_ts
+                and (
+                    runs.run_start,
+                    runs.first_category collate "C",
+                    runs.first_source_file collate "C",
+                    runs.first_line_no
+                ) < {{ interaction_key('first_new') }}
+            order by
+                runs.run_start desc,
+                runs.first_category collate "C" desc,
+                runs.first_source_file collate "C" desc,
+                runs.first_line_no desc
+            limit 1
+        ) as kept on true
+    ),
+
+    interactions as (
+        select copied.*
+        from tails
+        inner join {{ ref('int_cdr__interactions') }} as copied
+            on
+                tails.msisdn = copied.msisdn
+                and (
+                    tails.run_start is null
+                    or (
+                        copied.event_ts >= tails.run_start
+                        and {{ interaction_key('copied') }} >= (
+                            tails.run_start,
+                            tails.first_category collate "C",
+                            tails.first_source_file collate "C",
+                            tails.first_line_no
+                        )
+                    )
+                )
+    ),
+{% else %}
+    with
+
+    interactions as (
+        select * from {{ ref('int_cdr__interactions') }}
+    ),
+{% endif %}
+
+runs as (
+    {{ tower_runs('interactions') }}
+)
+
+select
+    msisdn,
+    tower_id,
+    run_start,
+    first_category,
+    first_source_file,
+    first_line_no,
+    run_end,
+    interactions,
+    max_loaded_at,
+    now() as computed_at
+from runs

@@ -1,0 +1,23 @@
+with
+
+source as (
+    select * from {{ source('crm', 'devices_changes') }}
+),
+
+renamed as (
+    select
+        device_id,
+        account_id,
+        device_name,
+        device_type,
+        device_os,
+        modified_ts,
+        __op as change_op,
+        __lsn as change_lsn,
+        __source_ts_ms as source_ts_ms,
+        to_timestamp(__source_ts_ms / 1000.0) at time zone 'UTC' as source_committed_at,
+        landed_at
+    from source
+)
+
+select * from renamed
