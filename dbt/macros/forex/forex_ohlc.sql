@@ -68,7 +68,7 @@ ticks as (
         ticks.bid_price,
         ticks.landed_at,
         {{ time_bucket('ticks.tick_ts', width) }} as bar_start
-    from {{ ref('stg_forex__ticks') }} as ticks
+    from (select * from {{ ref('stg_forex__ticks') }}) as ticks
     {% if is_incremental() %}
         inner join rebuild
             on
