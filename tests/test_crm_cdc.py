@@ -377,6 +377,63 @@ def test_kill_after_slot_created_before_snapshot_landed(crm: Crm) -> None:
     crm.assert_rebuilt_equals_source()
 
 
+def test_transactions_spanning_the_snapshot_point(crm: Crm) -> None:
+    """A transaction that writes before the slot's consistent point and commits after it is a
+    change whose LSN is below the snapshot rows' LSN: the rebuild rule still gets it right."""
+    import threading
+
+    insert_people(crm.prod, range(1, 4))
+    dsn = crm.settings.prod_dsn
+
+    opened: list[psycopg.Connection] = []
+
+    def open_tx(account_id: int, email: str) -> tuple[psycopg.Connection, int]:
+        conn = psycopg.connect(dsn)
+        opened.append(conn)
+        conn.execute(
+            "update crm_system.accounts set email = %s where account_id = %s", (email, account_id)
+        )
+        (xid,) = conn.execute("select txid_current()").fetchone()
+        return conn, xid
+
+    def wait_for_lock_wait(xid: int) -> None:
+        deadline = time.monotonic() + 30
+        while not crm.prod.execute(
+            "select 1 from pg_locks where locktype = 'transactionid' and not granted "
+            "and transactionid::text = %s",
+            (str(xid),),
+        ).fetchone():
+            assert time.monotonic() < deadline, f"slot creation never waited for {xid}"
+            time.sleep(0.05)
+
+    t0, xid0 = open_tx(1, "t0@x")
+    result: list = []
+    runner = threading.Thread(target=lambda: result.append(crm.run()))
+    runner.start()
+    try:
+        wait_for_lock_wait(xid0)  # CREATE_REPLICATION_SLOT waits for t0
+        t1, xid1 = open_tx(2, "t1@x")
+        t0.commit()
+        wait_for_lock_wait(xid1)  # ... then for t1, which began before it was ready
+        t2, _ = open_tx(3, "t2@x")  # begins before the consistent point
+        t1.commit()  # the slot becomes consistent here; t2 is still open
+        runner.join(60)
+        assert result and result[0].snapshot_rows == 9
+        t2.commit()  # commits after the consistent point
+    finally:
+        for conn in opened:
+            conn.close()
+        runner.join(60)
+    snapshot = {r[0]: r for r in crm.changes("accounts") if r[5] == "r"}
+    assert snapshot[1][2] == "t0@x" and snapshot[2][2] == "t1@x" and snapshot[3][2] != "t2@x"
+    stats = crm.run()
+    assert stats.by_table_op == {("accounts", "u"): 1}
+    change = next(r for r in crm.changes("accounts") if r[5] == "u")
+    assert change[0] == 3 and change[2] == "t2@x"
+    assert change[6] < snapshot[3][6]  # below the snapshot's LSN, yet newer
+    crm.assert_rebuilt_equals_source()
+
+
 def test_follow_metrics_and_sigterm(crm: Crm) -> None:
     insert_people(crm.prod, range(1, 4))
     port = free_port()
