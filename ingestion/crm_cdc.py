@@ -81,6 +81,7 @@ class CdcSettings(BaseSettings):
         default=20_000, ge=1, description="rows per peek; whole transactions are always kept"
     )
     poll_interval: float = Field(default=1.0, gt=0, description="seconds between polls, following")
+    retry_seconds: float = Field(default=2.0, gt=0, description="wait after a lost connection")
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=19103, description="Prometheus metrics port; 0 = off")
 
@@ -626,9 +627,26 @@ class CrmCdc:
         """Capture until caught up (`once`) or until `stop` is set."""
         stop = stop or threading.Event()
         stats = RunStats()
-        self.start(stats)
+        started = False
         while not stop.is_set():
-            caught_up = self.step(stats)
+            try:
+                if not started:
+                    self.start(stats)
+                    started = True
+                caught_up = self.step(stats)
+            except psycopg.OperationalError as exc:
+                # Following: a lost connection is retried from the slot's confirmed position.
+                if once:
+                    raise
+                log.warning(
+                    "database unavailable, retrying",
+                    extra={"error": str(exc).strip(), "in_seconds": self.s.retry_seconds},
+                )
+                self.close()
+                started = False
+                self.relations.clear()
+                stop.wait(self.s.retry_seconds)
+                continue
             if caught_up:
                 if once:
                     break

@@ -330,7 +330,13 @@ class TickSink:
             start="earliest",
         ) as consumer:
             while not stop.is_set():
-                messages = consumer.poll(self.s.batch_size, self.s.poll_timeout)
+                try:
+                    messages = consumer.poll(self.s.batch_size, self.s.poll_timeout)
+                except StreamError as exc:
+                    if once:
+                        raise
+                    self._stream_trouble(exc, stop)
+                    continue
                 if not messages:
                     lag = consumer.lag()
                     if lag is not None:
@@ -346,7 +352,13 @@ class TickSink:
                 crash_point("tick_sink.after_db_commit")
                 if after_db_commit is not None:
                     after_db_commit(messages)
-                consumer.commit(messages)
+                try:
+                    consumer.commit(messages)
+                except StreamError as exc:
+                    # Landed but not acknowledged: the batch comes again and lands nothing new.
+                    if once:
+                        raise
+                    self._stream_trouble(exc, stop)
                 self.metrics.batch_seconds.observe(time.monotonic() - started)
                 lag = consumer.lag()
                 if lag is not None:
@@ -363,6 +375,14 @@ class TickSink:
                     },
                 )
         return total
+
+    def _stream_trouble(self, exc: Exception, stop: threading.Event) -> None:
+        self.metrics.errors.inc()
+        log.warning(
+            "stream unavailable, retrying",
+            extra={"error": str(exc).strip(), "in_seconds": self.s.retry_seconds},
+        )
+        stop.wait(self.s.retry_seconds)
 
     def _land_with_retry(
         self, messages: Sequence[Message], stop: threading.Event, retry: bool
