@@ -11,22 +11,22 @@
 with
 
 {% if is_incremental() %}
-changed as (
-    select min({{ time_bucket('ticks.tick_ts', 'h1') }}) as changed_from
-    from (select * from {{ ref('stg_forex__ticks') }}) as ticks
-    where ticks.landed_at > {{ loaded_after('last_landed_at') }}
-),
+    changed as (
+        select min({{ time_bucket('ticks.tick_ts', 'h1') }}) as changed_from
+        from (select * from {{ ref('stg_forex__ticks') }}) as ticks
+        where ticks.landed_at > {{ loaded_after('last_landed_at') }}
+    ),
 
-carried as (
-    select
-        built.hour_start,
-        built.mrvzar_mid,
-        built.wakmrv_mid
-    from {{ this }} as built
-    where built.hour_start < (select changed.changed_from from changed)
-    order by built.hour_start desc
-    limit 1
-),
+    carried as (
+        select
+            built.hour_start,
+            built.mrvzar_mid,
+            built.wakmrv_mid
+        from {{ this }} as built
+        where built.hour_start < (select changed.changed_from from changed)
+        order by built.hour_start desc
+        limit 1
+    ),
 {% endif %}
 
 hourly as (
@@ -64,12 +64,12 @@ grid as (
         {% if is_incremental() %}
             coalesce(
                 (select carried.hour_start from carried) + interval '1 hour',
-                (select min(pairs.hour_start) from pairs)
+                (select min(pairs.hour_start) as first_hour from pairs)
             ),
         {% else %}
-            (select min(pairs.hour_start) from pairs),
+            (select min(pairs.hour_start) as first_hour from pairs),
         {% endif %}
-        (select max(pairs.hour_start) from pairs),
+        (select max(pairs.hour_start) as last_hour from pairs),
         interval '1 hour'
     ) as hour_start
 ),
@@ -79,9 +79,9 @@ filled as (
         grid.hour_start,
         pairs.mrvzar_mid,
         pairs.wakmrv_mid,
+        pairs.last_landed_at,
         coalesce(pairs.mrvzar_ticks, 0) as mrvzar_ticks,
         coalesce(pairs.wakmrv_ticks, 0) as wakmrv_ticks,
-        pairs.last_landed_at,
         -- islands: each known mid starts a group that the following unknown hours join
         count(pairs.mrvzar_mid) over (order by grid.hour_start) as mrvzar_group,
         count(pairs.wakmrv_mid) over (order by grid.hour_start) as wakmrv_group
@@ -94,7 +94,6 @@ carried_forward as (
         filled.hour_start,
         filled.mrvzar_ticks,
         filled.wakmrv_ticks,
-        filled.last_landed_at,
         coalesce(
             first_value(filled.mrvzar_mid) over (
                 partition by filled.mrvzar_group order by filled.hour_start
@@ -106,21 +105,26 @@ carried_forward as (
                 partition by filled.wakmrv_group order by filled.hour_start
             ),
             {% if is_incremental() %}(select carried.wakmrv_mid from carried){% else %}null{% endif %}
-        ) as wakmrv_mid
+        ) as wakmrv_mid,
+        -- the last landing that touched the hour; hours carried forward keep the latest before
+        coalesce(
+            filled.last_landed_at, max(filled.last_landed_at) over (order by filled.hour_start)
+        ) as last_landed_at
     from filled
+),
+
+typed as (
+    select
+        hour_start::timestamp as hour_start,
+        mrvzar_mid::numeric(38, 10) as mrvzar_mid,
+        wakmrv_mid::numeric(38, 10) as wakmrv_mid,
+        mrvzar_ticks::bigint as mrvzar_ticks,
+        wakmrv_ticks::bigint as wakmrv_ticks,
+        last_landed_at::timestamptz as last_landed_at,
+        round(mrvzar_mid * wakmrv_mid, 10)::numeric(38, 10) as zar_per_wak,
+        (mrvzar_ticks = 0 or wakmrv_ticks = 0) as is_carried_forward
+    from carried_forward
+    where mrvzar_mid is not null and wakmrv_mid is not null
 )
 
-select
-    hour_start::timestamp as hour_start,
-    mrvzar_mid::numeric(38, 10) as mrvzar_mid,
-    wakmrv_mid::numeric(38, 10) as wakmrv_mid,
-    round(mrvzar_mid * wakmrv_mid, 10)::numeric(38, 10) as zar_per_wak,
-    mrvzar_ticks::bigint as mrvzar_ticks,
-    wakmrv_ticks::bigint as wakmrv_ticks,
-    (mrvzar_ticks = 0 or wakmrv_ticks = 0) as is_carried_forward,
-    -- the last landing that touched this hour; hours carried forward keep the run's latest
-    coalesce(
-        last_landed_at, max(last_landed_at) over (order by hour_start)
-    )::timestamptz as last_landed_at
-from carried_forward
-where mrvzar_mid is not null and wakmrv_mid is not null
+select * from typed
