@@ -1,8 +1,9 @@
 """CRM versions rebuilt from the change log (crm_accounts_history, _addresses_, _devices_).
 
 The change log holds one row per change (`__op` r/c/u/d, `__lsn`, the row after the change, the
-key alone for a delete). Per key, in `__lsn` order, every non-delete change starts a version and
-ends the one before. Versions live in the CRM's own time, `modified_ts`:
+key alone for a delete). Per key, in log order (the snapshot row `r` first, then the changes by
+`__lsn`: docs/raw-layer.md, "Rebuilding the current state"), every non-delete change starts a
+version and ends the one before. Versions live in the CRM's own time, `modified_ts`:
 
 - a version is valid on `[valid_from, valid_to)`, `valid_from` = its `modified_ts`;
 - `valid_to` = the time of the key's next change; null while the version is current;
@@ -80,6 +81,11 @@ class CrmClock:
         return self._ts[i - 1] if i else None
 
 
+def log_order(change: Change) -> tuple[bool, int]:
+    """A key's changes in log order: its snapshot row first, then by `__lsn`."""
+    return (change.op != "r", change.lsn)
+
+
 def versions(changes: Sequence[Change], clock: CrmClock) -> list[Version]:
     """The versions of one table's keys, sorted by (key, version_lsn).
 
@@ -91,7 +97,7 @@ def versions(changes: Sequence[Change], clock: CrmClock) -> list[Version]:
         by_key.setdefault(c.key, []).append(c)
     out: list[Version] = []
     for key in sorted(by_key):
-        log = sorted(by_key[key], key=lambda c: c.lsn)
+        log = sorted(by_key[key], key=log_order)
         for a, b in itertools.pairwise(log):
             if a.lsn == b.lsn:
                 raise ValueError(f"key {key}: two changes at lsn {a.lsn}")

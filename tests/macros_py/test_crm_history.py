@@ -113,3 +113,13 @@ def test_version_at_picks_the_valid_version_latest_start_then_highest_lsn() -> N
     assert version_at(vs, t(-1)) is None
     overlapping = [Version(1, 5, t(0), None, ("x",)), Version(1, 4, t(0), None, ("y",))]
     assert version_at(overlapping, t(1)).values == ("x",)
+
+
+def test_snapshot_row_comes_first_even_with_a_higher_lsn() -> None:
+    # a transaction spanning the slot's consistent point: captured as a change with an lsn below
+    # the snapshot's, yet it happened after the snapshot (docs/raw-layer.md)
+    log = [Change(1, "r", 500, t(10), ("snap",)), Change(1, "u", 480, t(20), ("after",))]
+    assert versions(log, CrmClock(log)) == [
+        Version(1, 500, t(10), t(20), ("snap",)),
+        Version(1, 480, t(20), None, ("after",)),
+    ]
