@@ -14,6 +14,18 @@
     ({{ p }}event_ts, {{ p }}category collate "C", {{ p }}source_file collate "C", {{ p }}line_no)
 {%- endmacro %}
 
+{#- The order key of a run's first interaction (columns run_start, first_category,
+    first_source_file, first_line_no of int_cdr__tower_runs) as a row value, and as an order. -#}
+{% macro run_key(alias) -%}
+    ({{ alias }}.run_start, {{ alias }}.first_category collate "C",
+    {{ alias }}.first_source_file collate "C", {{ alias }}.first_line_no)
+{%- endmacro %}
+
+{% macro run_order(alias, direction='') -%}
+    {{ alias }}.run_start {{ direction }}, {{ alias }}.first_category collate "C" {{ direction }},
+    {{ alias }}.first_source_file collate "C" {{ direction }}, {{ alias }}.first_line_no {{ direction }}
+{%- endmacro %}
+
 {#- The runs (maximal sequences of consecutive interactions of an msisdn on one tower) of the
     interactions in relation or CTE `interactions`, which must hold, per msisdn, every
     interaction from a run start on (gaps and islands). One row per run: its tower, first

@@ -62,17 +62,8 @@
             where
                 runs.msisdn = first_new.msisdn
                 and runs.run_start <= first_new.event_ts
-                and (
-                    runs.run_start,
-                    runs.first_category collate "C",
-                    runs.first_source_file collate "C",
-                    runs.first_line_no
-                ) < {{ interaction_key('first_new') }}
-            order by
-                runs.run_start desc,
-                runs.first_category collate "C" desc,
-                runs.first_source_file collate "C" desc,
-                runs.first_line_no desc
+                and {{ run_key('runs') }} < {{ interaction_key('first_new') }}  -- noqa: RF03
+            order by {{ run_order('runs', 'desc') }}  -- noqa: RF03
             limit 1
         ) as kept on true
     ),
@@ -86,13 +77,8 @@
                 and (
                     tails.run_start is null
                     or (
-                        copied.event_ts >= tails.run_start
-                        and {{ interaction_key('copied') }} >= (
-                            tails.run_start,
-                            tails.first_category collate "C",
-                            tails.first_source_file collate "C",
-                            tails.first_line_no
-                        )
+                        tails.run_start <= copied.event_ts
+                        and {{ run_key('tails') }} <= {{ interaction_key('copied') }}  -- noqa: RF02
                     )
                 )
     ),

@@ -10,7 +10,11 @@ with
             msisdn,
             min(run_start) as tail_from
         from {{ ref('int_cdr__tower_runs') }}
-        where computed_at > (select coalesce(max(sessions.computed_at), '-infinity') from {{ this }} as sessions)
+        where
+            computed_at > (
+                select coalesce(max(sessions.computed_at), '-infinity') as watermark
+                from {{ this }} as sessions
+            )
         group by msisdn
     ),
 
@@ -22,7 +26,7 @@ with
         inner join {{ ref('int_cdr__tower_runs') }} as runs
             on
                 changed.msisdn = runs.msisdn
-                and runs.run_start >= changed.tail_from
+                and changed.tail_from <= runs.run_start
     )
 {% else %}
     runs as (

@@ -10,7 +10,11 @@ with
             msisdn,
             date_trunc('hour', min(run_start)) as tail_from
         from {{ ref('int_cdr__tower_runs') }}
-        where computed_at > (select coalesce(max(hourly.computed_at), '-infinity') from {{ this }} as hourly)
+        where
+            computed_at > (
+                select coalesce(max(hourly.computed_at), '-infinity') as watermark
+                from {{ this }} as hourly
+            )
         group by msisdn
     ),
 
@@ -22,7 +26,7 @@ with
         inner join {{ ref('int_cdr__tower_runs') }} as runs
             on
                 changed.msisdn = runs.msisdn
-                and runs.run_start >= changed.tail_from
+                and changed.tail_from <= runs.run_start
     ),
 {% else %}
     runs as (
@@ -34,9 +38,9 @@ with
 
 hourly as (
     select
-        date_trunc('hour', run_start) as hour_start,
         msisdn,
         tower_id,
+        date_trunc('hour', run_start) as hour_start,
         count(*) filter (
             where interactions >= {{ var('session_min_interactions') }}
         )::bigint as sessions,

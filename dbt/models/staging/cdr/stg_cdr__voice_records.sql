@@ -14,8 +14,8 @@ renamed as (
         dest_nr,
         call_duration_sec::bigint as call_duration_sec,
         start_time as event_ts,
-        start_time + call_duration_sec * interval '1 second' as event_end,
-        loaded_at
+        loaded_at,
+        start_time + call_duration_sec * interval '1 second' as event_end
     from source
 )
 

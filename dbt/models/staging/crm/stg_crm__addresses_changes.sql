@@ -16,8 +16,8 @@ renamed as (
         __op as change_op,
         __lsn as change_lsn,
         __source_ts_ms as source_ts_ms,
-        to_timestamp(__source_ts_ms / 1000.0) at time zone 'UTC' as source_committed_at,
-        landed_at
+        landed_at,
+        to_timestamp(__source_ts_ms / 1000.0) at time zone 'UTC' as source_committed_at
     from source
 )
 
