@@ -530,6 +530,19 @@ class CrmCdc:
                     self.metrics.changes.labels(t.source, op).inc(k)
         return landed, dup
 
+    def _check_relations(self) -> None:
+        """A source column the change table lacks stops the reader instead of being dropped."""
+        for rel in self.relations.values():
+            t = self._tables.get(rel.name)
+            if t is None or rel.namespace != self.s.source_schema:
+                raise CdcError(f"changes of {rel.qualified_name}, which is not captured")
+            extra = [c.name for c in rel.columns if c.name not in t.source_columns]
+            if extra:
+                raise CdcError(
+                    f"{rel.qualified_name} has new columns {extra}: add them to "
+                    f"{self.s.target_schema}.{t.target} (the raw contract), then restart"
+                )
+
     def _advance(self, target: int) -> None:
         info = self.slot_info()
         if info is None:
@@ -559,6 +572,7 @@ class CrmCdc:
             )
         ]
         changes, end_lsn, ts_ms, txns, consumed = changes_from_messages(rows, self.relations)
+        self._check_relations()
         caught_up = len(rows) < self.s.batch_changes
         if consumed != len(rows):
             raise CdcError(

@@ -434,6 +434,29 @@ def test_transactions_spanning_the_snapshot_point(crm: Crm) -> None:
     crm.assert_rebuilt_equals_source()
 
 
+def test_new_source_column_stops_the_reader(crm: Crm) -> None:
+    from ingestion.crm_cdc import CdcError
+
+    insert_people(crm.prod, range(1, 3))
+    with CrmCdc(crm.settings, Metrics()) as cdc:
+        stats = RunStats()
+        cdc.start(stats)  # snapshot; the reader knows the columns now
+        crm.prod.execute("alter table crm_system.accounts add column loyalty_tier text")
+        try:
+            crm.prod.execute(
+                "update crm_system.accounts set loyalty_tier = 'gold' where account_id = 1"
+            )
+            before = crm.count()
+            with pytest.raises(CdcError, match="new columns"):  # while running
+                cdc.step(stats)
+            with pytest.raises(CdcError, match="lacks columns"):  # at a restart
+                crm.run()
+            assert crm.count() == before  # nothing landed without the column
+            assert crm.pending_changes() > 0  # and the change is still in the slot
+        finally:
+            crm.prod.execute("alter table crm_system.accounts drop column loyalty_tier")
+
+
 def test_follow_metrics_and_sigterm(crm: Crm) -> None:
     insert_people(crm.prod, range(1, 4))
     port = free_port()
