@@ -1,0 +1,1 @@
+{{ crm_history('addresses', 'account_id', ['street_address', 'city', 'state', 'postal_code', 'country']) }}
