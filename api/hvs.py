@@ -1,0 +1,854 @@
+"""The HVS consumer: CDR events and forex ticks from the stream into daily usage in Redis.
+
+    python -m api.hvs              # follow the stream until SIGTERM / Ctrl-C
+    python -m api.hvs --drain      # apply what is on the stream, then exit
+
+Per msisdn, day, category and usage type it keeps events, bytes (up, down, total), call seconds
+and the cost in ZAR and WAK (api/keys.py has the layout, docs/usage-api.md the rules).
+
+Exactly-once effect: every event has an id (CDR: `source_file:line_no`, a bit in a per-file
+bitmap; tick: pair, hour and 10 ms slot). One Lua script checks the batch's bits, and only if none
+is set yet sets them all and applies all the batch's increments, atomically; if some are set
+(a redelivery or a republish), it changes nothing and returns them, and the batch is rebuilt
+without them. The stream is committed only after Redis answered, so a crash anywhere re-delivers
+at most what then turns out to be already applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import signal
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+import redis
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from api import keys as K
+from api.settings import HvsSettings
+from ingestion.stream import Consumer, Message, StreamError, open_consumer
+from macros_py.currency import MRVZAR, PAIRS, WAKMRV, zar_per_wak, zar_to_wak
+from macros_py.numeric import div10
+from macros_py.tariffs import call_cost_zar, data_cost_zar
+
+log = logging.getLogger("api.hvs")
+
+# ------------------------------------------------------------------------------------- metrics
+
+EVENTS = Counter("hvs_events_total", "Stream messages handled", ["topic", "outcome"])
+BATCHES = Counter("hvs_batches_total", "Batches applied to Redis")
+ERRORS = Counter("hvs_errors_total", "Failed batch attempts (retried)", ["kind"])
+LAG = Gauge("hvs_lag_messages", "Stream entries not yet applied and committed by the group")
+RATE = Gauge("hvs_events_per_second", "Events applied per second over the last interval")
+LATENCY = Histogram(
+    "hvs_landing_to_applied_seconds",
+    "Time from a CDR file landing (loaded_at, else publish time) to its events applied",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 900),
+)
+LAST_LATENCY = Gauge(
+    "hvs_landing_to_applied_last_seconds", "Landing-to-applied time of the latest batch (max)"
+)
+BATCH_SECONDS = Histogram(
+    "hvs_batch_seconds",
+    "Time to apply one batch",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+PENDING_HOURS = Gauge("hvs_wak_pending_hours", "Usage hours whose WAK cost waits for a rate")
+
+# --------------------------------------------------------------------------------- Lua script
+
+# ARGV[1]: JSON {"ttl": seconds, "bits": [[bitmap key, offset, ...], ...],
+#   "incr": [[hash key, field, n, field, n, ...], ...], "sadd": [[set key, member], ...]}
+# Returns the 1-based positions (in "bits" order) of bits already set; if there is any, nothing
+# was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
+APPLY_LUA = """
+local p = cjson.decode(ARGV[1])
+local ttl = p.ttl
+local dups = {}
+local base = 0
+for _, b in ipairs(p.bits) do
+  local key, n = b[1], #b
+  local i = 2
+  while i <= n do
+    local last = math.min(i + 999, n)
+    local args = {}
+    for j = i, last do
+      args[#args + 1] = 'GET'; args[#args + 1] = 'u1'; args[#args + 1] = b[j]
+    end
+    local got = redis.call('BITFIELD', key, unpack(args))
+    for k = 1, #got do
+      if got[k] == 1 then dups[#dups + 1] = base + i - 2 + k end
+    end
+    i = last + 1
+  end
+  base = base + n - 1
+end
+if #dups > 0 then return dups end
+for _, b in ipairs(p.bits) do
+  local key, n = b[1], #b
+  local i = 2
+  while i <= n do
+    local last = math.min(i + 999, n)
+    local args = {}
+    for j = i, last do
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u1'; args[#args + 1] = b[j]
+      args[#args + 1] = 1
+    end
+    redis.call('BITFIELD', key, unpack(args))
+    i = last + 1
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+for _, h in ipairs(p.incr) do
+  local key = h[1]
+  for j = 2, #h, 2 do
+    redis.call('HINCRBY', key, h[j], h[j + 1])
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+for _, m in ipairs(p.sadd) do
+  redis.call('SADD', m[1], m[2])
+  redis.call('EXPIRE', m[1], ttl)
+end
+return dups
+"""
+
+
+# ------------------------------------------------------------------------------------ decoding
+
+
+class BadEvent(ValueError):
+    """A stream message that cannot be applied; the reason says why."""
+
+
+@dataclass(slots=True)
+class CdrEvent:
+    msisdn: str
+    category: str  # 'data' | 'call'
+    usage_type: str
+    up: int
+    down: int
+    seconds: int
+    day: str  # YYYYmmdd
+    hour: str  # YYYYmmddHH
+    source_file: str
+    line_no: int
+    landed_at: float | None  # epoch seconds of the file landing / publish
+
+
+@dataclass(slots=True)
+class TickEvent:
+    pair: str
+    hour: str
+    slot: int  # 10 ms slot within the hour
+    price_sum: int  # bid + ask, 1e-10 units
+
+
+_DATA_TOPICS = {"cdr-data": "data", "cdr-voice": "call"}
+
+
+def _text(obj: dict, name: str) -> str:
+    v = obj.get(name)
+    if type(v) is not str or not v:
+        raise BadEvent(f"{name} missing or not a string")
+    return v
+
+
+def _count(obj: dict, name: str) -> int:
+    v = obj.get(name)
+    if type(v) is int and v >= 0:
+        return v
+    if type(v) is str and v.isascii() and v.isdigit():
+        return int(v)
+    raise BadEvent(f"{name} must be an integer >= 0, got {v!r}")
+
+
+def _when(obj: dict, name: str) -> datetime:
+    v = _text(obj, name)
+    try:
+        ts = datetime.fromisoformat(v)
+    except ValueError:
+        raise BadEvent(f"{name} is not a timestamp: {v!r}") from None
+    if ts.tzinfo is not None:
+        raise BadEvent(f"{name} must be naive UTC, got {v!r}")
+    return ts
+
+
+@functools.lru_cache(maxsize=4096)
+def _epoch(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
+
+
+def landed_at(obj: dict, headers: dict[str, bytes], position: str) -> float | None:
+    """When the event's file landed: `loaded_at` in the value or a header, else `published_at`
+    header, else the Redis stream entry id's publish time (ms)."""
+    v = obj.get("loaded_at")
+    if v is not None and type(v) is not bool and isinstance(v, str | int | float):
+        return _epoch(str(v))
+    if headers:
+        for name in ("loaded_at", "published_at"):
+            h = headers.get(name)
+            if h:
+                return _epoch(h.decode(errors="replace"))
+    ms, sep, seq = position.partition("-")
+    if sep and ms.isdigit() and seq.isdigit():
+        return int(ms) / 1000.0
+    return None
+
+
+_TYPE_OK: set[str] = set()
+
+
+def _usage_type(obj: dict, name: str) -> str:
+    v = obj.get(name)
+    if v in _TYPE_OK:
+        return v
+    v = _text(obj, name)
+    if not (len(v) <= 32 and v.isascii() and v.replace("_", "").isalnum()):
+        raise BadEvent(f"{name} must be a short word, got {v!r}")
+    if len(_TYPE_OK) < 256:
+        _TYPE_OK.add(v)
+    return v
+
+
+def decode_cdr(msg: Message, category: str | None = None) -> CdrEvent:
+    """The one place that knows the CDR event encoding: a JSON object of the typed raw row
+    (columns of cdr_data.data_records / voice_records) plus `event_id` = `source_file:line_no`
+    and optionally `loaded_at`."""
+    category = category or _DATA_TOPICS.get(msg.topic)
+    if category is None:
+        raise BadEvent(f"not a CDR topic: {msg.topic!r}")
+    try:
+        obj = orjson.loads(msg.value)
+    except orjson.JSONDecodeError as exc:
+        raise BadEvent(f"value is not JSON: {exc}") from None
+    if type(obj) is not dict:
+        raise BadEvent("value is not a JSON object")
+    msisdn = _text(obj, "msisdn")
+    if not (len(msisdn) <= 15 and msisdn.isascii() and msisdn.isdigit()):
+        raise BadEvent(f"msisdn must be up to 15 digits, got {msisdn!r}")
+    source_file, sep, line = _text(obj, "event_id").rpartition(":")
+    if not (sep and source_file and line.isascii() and line.isdigit()):
+        raise BadEvent(f"event_id must be 'source_file:line_no', got {obj['event_id']!r}")
+    if category == "data":
+        up = _count(obj, "up_bytes")
+        down = _count(obj, "down_bytes")
+        seconds = 0
+        usage_type = _usage_type(obj, "data_type")
+        ts = _when(obj, "event_datetime")
+    else:
+        up = down = 0
+        seconds = _count(obj, "call_duration_sec")
+        usage_type = _usage_type(obj, "call_type")
+        ts = _when(obj, "start_time")
+    day = f"{ts.year:04d}{ts.month:02d}{ts.day:02d}"
+    return CdrEvent(
+        msisdn,
+        category,
+        usage_type,
+        up,
+        down,
+        seconds,
+        day,
+        f"{day}{ts.hour:02d}",
+        source_file,
+        int(line),
+        landed_at(obj, msg.headers, msg.position),
+    )
+
+
+def _price_units(obj: dict, name: str) -> int:
+    v = obj.get(name)
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise BadEvent(f"{name} missing or not a number")
+    try:
+        d = Decimal(repr(v)) if isinstance(v, float) else Decimal(str(v))
+        units = K.to_units(d)
+    except (InvalidOperation, ValueError):
+        raise BadEvent(f"{name} is not a price with at most 10 decimals: {v!r}") from None
+    if units <= 0:
+        raise BadEvent(f"{name} must be positive, got {v!r}")
+    return units
+
+
+def decode_tick(msg: Message) -> TickEvent:
+    """A tick of the data contract: {"timestamp", "pair_name", "bid_price", "ask_price", ...}."""
+    try:
+        obj = orjson.loads(msg.value)
+    except orjson.JSONDecodeError as exc:
+        raise BadEvent(f"value is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadEvent("value is not a JSON object")
+    pair = _text(obj, "pair_name")
+    if pair not in PAIRS:
+        raise BadEvent(f"unknown pair {pair!r}")
+    ts = _when(obj, "timestamp")
+    ms = (ts.minute * 60 + ts.second) * 1000 + ts.microsecond // 1000
+    return TickEvent(
+        pair=pair,
+        hour=ts.strftime("%Y%m%d%H"),
+        slot=ms // K.FX_SLOT_MS,
+        price_sum=_price_units(obj, "bid_price") + _price_units(obj, "ask_price"),
+    )
+
+
+# --------------------------------------------------------------------------------------- costs
+
+
+@functools.lru_cache(maxsize=8192)
+def call_zar_units(seconds: int) -> int:
+    """ZAR cost of one call (macros_py.tariffs), in 1e-10 units."""
+    return K.to_units(call_cost_zar(seconds))
+
+
+def _linear_data_units() -> int | None:
+    """1e-10 ZAR units per byte if the data tariff is exactly linear at 10 decimals (SI GB)."""
+    try:
+        unit = K.to_units(data_cost_zar(1))
+    except ValueError:
+        return None
+    probes = (999_999_937, 10**9, 123_456_789_012, 1_999_999)
+    if unit and all(K.to_units(data_cost_zar(b)) == b * unit for b in probes):
+        return unit
+    return None
+
+
+_DATA_UNITS_PER_BYTE = _linear_data_units()
+
+
+def data_zar_units(total_bytes: int) -> int:
+    """ZAR cost of one data event (macros_py.tariffs), in 1e-10 units.
+
+    With the SI GB the tariff is an exact per-byte price (0.000000049 ZAR), so this is
+    `bytes * units per byte`, derived from the tariff function itself and checked at import
+    (and in tests) to equal `data_cost_zar(bytes)`; otherwise the function is called per event.
+    """
+    if _DATA_UNITS_PER_BYTE is not None and total_bytes >= 0:
+        return total_bytes * _DATA_UNITS_PER_BYTE
+    return K.to_units(data_cost_zar(total_bytes))
+
+
+def wak_units(zar_units: int, rate_units: int) -> int:
+    """WAK cost (1e-10 units) of a ZAR cost (1e-10 units) at a ZAR-per-WAK rate (1e-10 units).
+
+    This is `macros_py.currency.zar_to_wak` (`div10(zar, rate)`: the exact quotient rounded once
+    to 10 decimals, half away from zero) on integer units; tests hold the two equal.
+    """
+    q, r = divmod(zar_units * 10**K.MONEY_SCALE, rate_units)
+    return q + 1 if 2 * r >= rate_units else q
+
+
+def wak_units_oracle(zar_units: int, rate_units: int) -> int:
+    """`wak_units` through macros_py.currency.zar_to_wak (slow; used by tests and pricing)."""
+    return K.to_units(zar_to_wak(K.money(zar_units), K.money(rate_units)))
+
+
+def _hour_number(hour: str) -> int:
+    return int((datetime.strptime(hour, "%Y%m%d%H") - _EPOCH).total_seconds()) // 3600
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+class Rates:
+    """Hourly tick sums per pair and the as-of ZAR-per-WAK rate of an hour (business rules 6).
+
+    The rate of hour h uses, per pair, the average mid of the latest hour <= h with ticks of that
+    pair, as far as the ticks are known when asked (the current hour's average moves as ticks
+    arrive). No tick of a pair at or before h: no rate.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, dict[str, list[int]]] = {p: {} for p in PAIRS}
+        self._hours: dict[str, list[str]] = {p: [] for p in PAIRS}
+        self._cache: dict[str, int | None] = {}
+
+    def add(self, pair: str, hour: str, price_sum: int, count: int = 1) -> None:
+        sums = self._sums[pair]
+        acc = sums.get(hour)
+        if acc is None:
+            sums[hour] = [price_sum, count]
+            hours = self._hours[pair]
+            hours.insert(bisect_right(hours, hour), hour)
+        else:
+            acc[0] += price_sum
+            acc[1] += count
+        self._cache.clear()
+
+    def mid(self, pair: str, hour: str) -> Decimal | None:
+        hours = self._hours[pair]
+        i = bisect_right(hours, hour)
+        if not i:
+            return None
+        total, count = self._sums[pair][hours[i - 1]]
+        return div10(K.money(total), 2 * count)
+
+    def rate(self, hour: str) -> int | None:
+        """ZAR per WAK (1e-10 units) for usage in `hour` (`YYYYmmddHH`), or None."""
+        try:
+            return self._cache[hour]
+        except KeyError:
+            pass
+        mrv, wak = self.mid(MRVZAR, hour), self.mid(WAKMRV, hour)
+        r = K.to_units(zar_per_wak(mrv, wak)) if mrv is not None and wak is not None else None
+        self._cache[hour] = r
+        return r
+
+    def load(self, raw: dict[bytes, bytes]) -> None:
+        """From the `hvs:fx` hash."""
+        got: dict[tuple[str, str], list[int]] = {}
+        for f, v in raw.items():
+            hour, pair, what = f.decode().split(":")
+            acc = got.setdefault((pair, hour), [0, 0])
+            acc[0 if what == "s" else 1] = int(v)
+        for (pair, hour), (s, n) in got.items():
+            if pair in self._sums and n > 0:
+                self.add(pair, hour, s, n)
+
+    def prune(self, keep_hours: int) -> list[str]:
+        """Forget hours more than `keep_hours` before the newest; the `hvs:fx` fields to delete."""
+        newest = max((h[-1] for h in self._hours.values() if h), default=None)
+        if newest is None:
+            return []
+        cutoff = _hour_number(newest) - keep_hours
+        gone = []
+        for pair, hours in self._hours.items():
+            while hours and _hour_number(hours[0]) < cutoff:
+                h = hours.pop(0)
+                del self._sums[pair][h]
+                gone += [K.fx_field(h, pair, "s"), K.fx_field(h, pair, "n")]
+        if gone:
+            self._cache.clear()
+        return gone
+
+
+# ------------------------------------------------------------------------------------ consumer
+
+
+@dataclass
+class BatchResult:
+    applied: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    ticks: int = 0
+
+
+@dataclass
+class Prepared:
+    events: list[CdrEvent]
+    built: tuple | None
+    result: BatchResult
+
+
+class Hvs:
+    """Applies batches of stream messages to Redis (no stream I/O here; see `run`)."""
+
+    def __init__(self, settings: HvsSettings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = client or redis.Redis.from_url(settings.redis_url)
+        self._apply = self.redis.register_script(APPLY_LUA)
+        self.rates = Rates()
+        self.rates.load(self.redis.hgetall(K.FX_KEY))
+        self.pending_hours: set[str] = {h.decode() for h in self.redis.smembers(K.PENDING_INDEX)}
+        self._ttl = settings.retention_seconds
+        self._topics = {settings.data_topic: "data", settings.voice_topic: "call"}
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def _run_script(
+        self,
+        bits: dict[str, list[tuple[int, int]]],
+        incr: dict[str, list[str | int]],
+        sadd: Iterable[tuple[str, str]] = (),
+    ) -> set[int]:
+        """Apply atomically unless a bit is set already; the item numbers whose bits were set.
+
+        `bits`: bitmap key -> [(offset, item number)]; `incr`: hash key -> [field, n, ...].
+        """
+        order: list[int] = []
+        bit_rows = []
+        for key, offs in bits.items():
+            bit_rows.append([key, *(o for o, _ in offs)])
+            order += (item for _, item in offs)
+        payload = orjson.dumps(
+            {
+                "ttl": self._ttl,
+                "bits": bit_rows,
+                "incr": [[key, *fv] for key, fv in incr.items()],
+                "sadd": [list(m) for m in sadd],
+            }
+        )
+        return {order[int(i) - 1] for i in self._apply(args=[payload])}
+
+    def apply_ticks(self, ticks: list[TickEvent]) -> tuple[int, int]:
+        """Apply ticks exactly once; (applied, duplicates)."""
+        dups = 0
+        while ticks:
+            bits: dict[str, list[tuple[int, int]]] = {}
+            sums: dict[str, int] = {}
+            for i, t in enumerate(ticks):
+                bits.setdefault(K.fx_seen_key(t.pair, t.hour), []).append((t.slot, i))
+                fs, fn = K.fx_field(t.hour, t.pair, "s"), K.fx_field(t.hour, t.pair, "n")
+                sums[fs] = sums.get(fs, 0) + t.price_sum
+                sums[fn] = sums.get(fn, 0) + 1
+            fx: list[str | int] = []
+            for f, v in sums.items():
+                fx += (f, str(v))
+            seen = self._run_script(bits, {K.FX_KEY: fx})
+            if not seen:
+                break
+            dups += len(seen)
+            ticks = [t for i, t in enumerate(ticks) if i not in seen]
+        for t in ticks:
+            self.rates.add(t.pair, t.hour, t.price_sum)
+        gone = self.rates.prune(self.settings.retention_days * 24)
+        if gone:
+            self.redis.hdel(K.FX_KEY, *gone)
+        return len(ticks), dups
+
+    def build(self, events: list[CdrEvent]) -> tuple[dict, dict, list, set[str]]:
+        """(bits, increments, set members, hours with WAK pending) of a batch of events."""
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        pending: dict[tuple[str, str, str, str], int] = {}
+        bits: dict[str, list[tuple[int, int]]] = {}
+        rates = self.rates
+        data_units, call_units, wak = data_zar_units, call_zar_units, wak_units
+        for i, e in enumerate(events):
+            sk = K.seen_key(e.source_file)
+            b = bits.get(sk)
+            if b is None:
+                b = bits[sk] = []
+            b.append((e.line_no, i))
+            key = K.usage_key(e.msisdn, e.day)
+            zar = data_units(e.up + e.down) if e.category == "data" else call_units(e.seconds)
+            rate = rates.rate(e.hour)
+            gk = (key, e.category, e.usage_type)
+            acc = groups.get(gk)
+            if acc is None:
+                acc = groups[gk] = [0, 0, 0, 0, 0, 0, 0]
+            acc[0] += 1
+            acc[1] += e.up
+            acc[2] += e.down
+            acc[3] += e.seconds
+            acc[4] += zar
+            if rate is None:
+                acc[6] += zar
+                pk = (e.hour, key, e.category, e.usage_type)
+                pending[pk] = pending.get(pk, 0) + zar
+            else:
+                acc[5] += wak(zar, rate)
+        incr: dict[str, list[str | int]] = {}
+        for (key, category, usage_type), (ev, up, dn, s, zar, wk, zp) in groups.items():
+            p = f"{category}:{usage_type}:"
+            fv = incr.get(key)
+            if fv is None:
+                fv = incr[key] = []
+            fv += (p + K.EVENTS, str(ev))
+            if category == "data":
+                fv += (p + K.UP, str(up), p + K.DOWN, str(dn), p + K.BYTES, str(up + dn))
+            else:
+                fv += (p + K.SECONDS, str(s))
+            fv += (p + K.ZAR, str(zar))
+            if wk:
+                fv += (p + K.WAK, str(wk))
+            if zp:
+                fv += (p + K.ZAR_PENDING, str(zp))
+        sadd = []
+        hours = set()
+        for (hour, key, category, usage_type), zar in pending.items():
+            fv = incr.setdefault(K.pending_key(hour), [])
+            fv += (K.pending_field(key, category, usage_type), str(zar))
+            if hour not in hours:
+                hours.add(hour)
+                sadd.append((K.PENDING_INDEX, hour))
+        return bits, incr, sadd, hours
+
+    def apply_events(self, events: list[CdrEvent], built: tuple | None = None) -> tuple[int, int]:
+        """Apply CDR events exactly once; (applied, duplicates). `built`: `build(events)`."""
+        dups = 0
+        while events:
+            bits, incr, sadd, _hours = built or self.build(events)
+            built = None
+            seen = self._run_script(bits, incr, sadd)
+            if not seen:
+                break
+            dups += len(seen)
+            events = [e for i, e in enumerate(events) if i not in seen]
+        return len(events), dups
+
+    def price_pending(self) -> int:
+        """Convert waiting ZAR to WAK for hours that have a rate now; the hours converted."""
+        done = 0
+        for hour in sorted(self.pending_hours):
+            rate = self.rates.rate(hour)
+            if rate is None:
+                continue
+            pkey = K.pending_key(hour)
+            with self.redis.pipeline() as pipe:
+                while True:
+                    try:
+                        pipe.watch(pkey)
+                        entries = pipe.hgetall(pkey)
+                        pipe.multi()
+                        for f, v in entries.items():
+                            key, category, usage_type = K.split_pending_field(f.decode())
+                            zar = int(v)
+                            p = f"{category}:{usage_type}:"
+                            pipe.hincrby(key, p + K.WAK, wak_units_oracle(zar, rate))
+                            pipe.hincrby(key, p + K.ZAR_PENDING, -zar)
+                        pipe.delete(pkey)
+                        pipe.srem(K.PENDING_INDEX, hour)
+                        pipe.execute()
+                        break
+                    except redis.WatchError:
+                        continue
+            self.pending_hours.discard(hour)
+            done += 1
+            log.info("priced pending WAK", extra={"hour": hour, "entries": len(entries)})
+        return done
+
+    def reject(self, msg: Message, reason: str) -> None:
+        entry = orjson.dumps(
+            {
+                "topic": msg.topic,
+                "position": msg.position,
+                "reason": reason,
+                "value": msg.value.decode(errors="replace")[:2000],
+                "rejected_at": time.time(),
+            }
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(K.REJECTED_KEY, entry)
+        pipe.ltrim(K.REJECTED_KEY, 0, K.REJECTED_MAX - 1)
+        pipe.execute()
+        log.warning(
+            "rejected stream message",
+            extra={"topic": msg.topic, "position": msg.position, "reason": reason},
+        )
+
+    def prepare(self, messages: Sequence[Message]) -> Prepared:
+        """Decode and de-duplicate a batch, apply its ticks (so that its events see them), price
+        pending WAK that has a rate now, and build the events' increments."""
+        res = BatchResult()
+        ticks: dict[tuple[str, str, int], TickEvent] = {}
+        events: dict[tuple[str, int], CdrEvent] = {}
+        tick_topic = self.settings.tick_topic
+        topics = self._topics
+        for m in messages:
+            try:
+                if m.topic == tick_topic:
+                    t = decode_tick(m)
+                    if ticks.setdefault((t.pair, t.hour, t.slot), t) is not t:
+                        res.duplicates += 1
+                else:
+                    e = decode_cdr(m, topics.get(m.topic))
+                    if events.setdefault((e.source_file, e.line_no), e) is not e:
+                        res.duplicates += 1
+            except BadEvent as exc:
+                self.reject(m, str(exc))
+                res.rejected += 1
+                EVENTS.labels(m.topic, "rejected").inc()
+        if ticks:
+            applied, dups = self.apply_ticks(list(ticks.values()))
+            res.ticks = applied
+            res.duplicates += dups
+            EVENTS.labels(tick_topic, "applied").inc(applied)
+            if applied:
+                self.pending_hours |= {h.decode() for h in self.redis.smembers(K.PENDING_INDEX)}
+                self.price_pending()
+        evs = list(events.values())
+        built = None
+        if evs:
+            built = self.build(evs)
+            self.pending_hours |= built[3]
+        PENDING_HOURS.set(len(self.pending_hours))
+        return Prepared(evs, built, res)
+
+    def apply_prepared(self, prep: Prepared) -> BatchResult:
+        """Apply a prepared batch's events (exactly once) and record the metrics."""
+        res = prep.result
+        if prep.events:
+            applied, dups = self.apply_events(prep.events, prep.built)
+            res.applied = applied
+            res.duplicates += dups
+            now = time.time()
+            first: dict[str, float] = {}
+            for e in prep.events:
+                if e.landed_at is not None and first.get(e.source_file, now) > e.landed_at:
+                    first[e.source_file] = e.landed_at
+            if first:
+                worst = 0.0
+                for t in first.values():
+                    LATENCY.observe(now - t)
+                    worst = max(worst, now - t)
+                LAST_LATENCY.set(worst)
+            EVENTS.labels("cdr", "applied").inc(applied)
+        EVENTS.labels("all", "duplicate").inc(res.duplicates)
+        BATCHES.inc()
+        return res
+
+    def process(self, messages: Sequence[Message]) -> BatchResult:
+        """Prepare and apply one batch."""
+        return self.apply_prepared(self.prepare(messages))
+
+
+# ---------------------------------------------------------------------------------- follow loop
+
+
+class _Stopped(Exception):
+    """Stop was requested while a failing step was being retried."""
+
+
+def _retry(stop: threading.Event, what: str, fn: Callable[[], Any]) -> Any:
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except (redis.RedisError, StreamError) as exc:
+            ERRORS.labels(what).inc()
+            log.error(f"{what} failed, retrying", extra={"error": str(exc)})
+            if stop.wait(delay):
+                raise _Stopped from exc
+            delay = min(delay * 2, 10.0)
+
+
+def run(
+    settings: HvsSettings,
+    stop: threading.Event,
+    *,
+    drain: bool = False,
+    consumer: Consumer | None = None,
+    hvs: Hvs | None = None,
+) -> int:
+    """Poll, apply, commit until `stop` is set (or, with `drain`, until the stream is empty).
+
+    Two stages overlap: while one batch is applied to Redis and committed (a worker thread),
+    the next is polled, decoded and built. A batch is committed to the stream only after Redis
+    applied it; a failing step is retried with backoff until it succeeds or `stop` is set
+    (then it stays uncommitted and comes back after a restart). On stop, the batch in flight is
+    finished first. Returns the number of CDR events applied.
+    """
+    hvs = hvs or Hvs(settings)
+    consumer = consumer or open_consumer(
+        settings.stream_url,
+        [settings.data_topic, settings.voice_topic, settings.tick_topic],
+        settings.group,
+        consumer_name=settings.consumer_name,
+    )
+    total = 0
+    window_start, window_events = time.monotonic(), 0
+    next_lag = 0.0
+    inflight: Future | None = None
+
+    def apply_commit(prep: Prepared, batch: list[Message]) -> BatchResult:
+        t0 = time.perf_counter()
+        res = _retry(stop, "apply", lambda: hvs.apply_prepared(prep))
+        _retry(stop, "commit", lambda: consumer.commit(batch))
+        BATCH_SECONDS.observe(time.perf_counter() - t0)
+        return res
+
+    def finish() -> None:
+        nonlocal inflight, total, window_start, window_events
+        if inflight is None:
+            return
+        fut, inflight = inflight, None
+        res = fut.result()
+        total += res.applied
+        window_events += res.applied + res.ticks
+        elapsed = time.monotonic() - window_start
+        if elapsed >= 1.0:
+            RATE.set(window_events / elapsed)
+            window_start, window_events = time.monotonic(), 0
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="hvs-apply")
+    try:
+        while not stop.is_set():
+            batch = _retry(
+                stop, "poll", lambda: consumer.poll(settings.batch_size, settings.poll_timeout)
+            )
+            now = time.monotonic()
+            if now >= next_lag or not batch:
+                lag = consumer.lag()
+                if lag is not None:
+                    LAG.set(lag)
+                next_lag = now + 2.0
+            if not batch:
+                finish()
+                RATE.set(0)
+                if drain:
+                    break
+                continue
+            if hvs.pending_hours and any(m.topic == settings.tick_topic for m in batch):
+                finish()  # pricing pending WAK must see the batch in flight
+            prep = _retry(stop, "prepare", lambda b=batch: hvs.prepare(b))
+            finish()
+            inflight = pool.submit(apply_commit, prep, batch)
+        finish()
+    except _Stopped:
+        log.warning("stopped while retrying; the uncommitted batch will be re-delivered")
+    finally:
+        pool.shutdown(wait=True)
+        consumer.close()
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ops.logs import setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m api.hvs",
+        description="HVS consumer: CDR events and ticks from the stream into daily usage in Redis "
+        "(REDIS_URL, STREAM_URL, HVS_* settings).",
+    )
+    parser.add_argument("--drain", action="store_true", help="exit once the stream is empty")
+    parser.add_argument("--batch-size", type=int, help="messages per batch (HVS_BATCH_SIZE)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="Prometheus port, 0 = none (HVS_METRICS_PORT)"
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    overrides: dict[str, Any] = {}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    if args.metrics_port is not None:
+        overrides["metrics_port"] = args.metrics_port
+    settings = HvsSettings(**overrides)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("stopping after the current batch", extra={"signal": signum})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info(
+        "hvs consumer starting",
+        extra={"stream": settings.stream_url, "group": settings.group, "drain": args.drain},
+    )
+    total = run(settings, stop, drain=args.drain)
+    log.info("hvs consumer stopped", extra={"events_applied": total})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

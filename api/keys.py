@@ -1,0 +1,133 @@
+"""The HVS Redis key layout, written once: the consumer writes it, the API reads it.
+
+All keys live in the HVS database (REDIS_URL, db 0) under the prefix `hvs:`.
+
+- `hvs:u:{msisdn}:{YYYYmmdd}` (hash): the usage of one subscriber-day, one field per
+  `{category}:{usage_type}:{metric}`.
+- `hvs:seen:{source_file}` (bitmap): bit `line_no` is set once the CDR event
+  `{source_file}:{line_no}` is applied.
+- `hvs:fx` (hash): tick sums per hour and pair, `{YYYYmmddHH}:{pair}:s` (sum of bid + ask in
+  1e-10 units) and `{YYYYmmddHH}:{pair}:n` (tick count).
+- `hvs:fxseen:{pair}:{YYYYmmddHH}` (bitmap): bit `10 ms slot of the hour` is set once a tick of
+  that pair and slot is applied.
+- `hvs:wakpend` (set): hours (`YYYYmmddHH`) with usage whose WAK cost waits for a rate;
+  `hvs:wakpend:{YYYYmmddHH}` (hash): field `{usage key}|{category}:{usage_type}` -> ZAR units
+  waiting for that hour's rate.
+- `hvs:rejected` (list): rejected stream messages (JSON: topic, position, reason, value), newest
+  first, capped at `REJECTED_MAX`.
+
+Metrics of a usage field: `ev` events, `up` / `dn` / `by` up, down and total bytes (data only),
+`s` call seconds (calls only), `zar` cost in ZAR and `wak` cost in WAK, both integers in units of
+1e-10 (`MONEY_SCALE`), and `zp` the ZAR cost (1e-10 units) of events whose WAK cost is still
+pending (no rate known yet). Every key expires `retention` after its last write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+
+PREFIX = "hvs:"
+MONEY_SCALE = 10
+"""Money in Redis is an integer count of 10^-MONEY_SCALE units (ZAR or WAK): exact, HINCRBY."""
+MONEY_UNIT = Decimal(1).scaleb(-MONEY_SCALE)
+
+FX_KEY = f"{PREFIX}fx"
+PENDING_INDEX = f"{PREFIX}wakpend"
+REJECTED_KEY = f"{PREFIX}rejected"
+REJECTED_MAX = 10_000
+FX_SLOT_MS = 10
+"""Tick de-duplication resolution: ticks of one pair are >= 400 ms apart by the data contract."""
+
+EVENTS = "ev"
+UP = "up"
+DOWN = "dn"
+BYTES = "by"
+SECONDS = "s"
+ZAR = "zar"
+WAK = "wak"
+ZAR_PENDING = "zp"
+
+DATA_METRICS = (EVENTS, UP, DOWN, BYTES, ZAR, WAK, ZAR_PENDING)
+CALL_METRICS = (EVENTS, SECONDS, ZAR, WAK, ZAR_PENDING)
+
+
+def usage_key(msisdn: str, day: str) -> str:
+    """The usage hash of `msisdn` on `day` (`YYYYmmdd`)."""
+    return f"{PREFIX}u:{msisdn}:{day}"
+
+
+def usage_field(category: str, usage_type: str, metric: str) -> str:
+    return f"{category}:{usage_type}:{metric}"
+
+
+def seen_key(source_file: str) -> str:
+    """The bitmap of applied line numbers of one CDR file."""
+    return f"{PREFIX}seen:{source_file}"
+
+
+def fx_field(hour: str, pair: str, what: str) -> str:
+    """`what` is `s` (sum of bid + ask, 1e-4 units) or `n` (tick count)."""
+    return f"{hour}:{pair}:{what}"
+
+
+def fx_seen_key(pair: str, hour: str) -> str:
+    return f"{PREFIX}fxseen:{pair}:{hour}"
+
+
+def pending_key(hour: str) -> str:
+    return f"{PREFIX}wakpend:{hour}"
+
+
+def pending_field(key: str, category: str, usage_type: str) -> str:
+    return f"{key}|{category}:{usage_type}"
+
+
+def split_pending_field(field: str) -> tuple[str, str, str]:
+    """(usage key, category, usage_type) of a pending-index field."""
+    key, _, group = field.rpartition("|")
+    category, _, usage_type = group.partition(":")
+    return key, category, usage_type
+
+
+def day_of(ts: datetime | date) -> str:
+    return ts.strftime("%Y%m%d")
+
+
+def days_between(start: datetime, end: datetime) -> list[date]:
+    """The days that the half-open range [start, end) touches (end > start)."""
+    first = start.date()
+    last = (end - timedelta(microseconds=1)).date()
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def usage_keys(msisdn: str, days: Iterable[date]) -> list[str]:
+    """Day keys computed from the range: the API never scans keys."""
+    return [usage_key(msisdn, day_of(d)) for d in days]
+
+
+def money(units: int) -> Decimal:
+    """Decimal amount of an integer count of 1e-10 units."""
+    return Decimal(units).scaleb(-MONEY_SCALE)
+
+
+def to_units(amount: Decimal) -> int:
+    """Integer 1e-10 units of an amount with at most 10 decimals (raises if inexact)."""
+    scaled = amount.scaleb(MONEY_SCALE)
+    units = int(scaled)
+    if scaled != units:
+        raise ValueError(f"{amount} has more than {MONEY_SCALE} decimals")
+    return units
+
+
+def parse_usage(
+    raw: dict[bytes, bytes] | dict[str, str],
+) -> dict[tuple[str, str], dict[str, int]]:
+    """{(category, usage_type): {metric: value}} of one usage hash."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for f, v in raw.items():
+        name = f.decode() if isinstance(f, bytes) else f
+        category, usage_type, metric = name.split(":", 2)
+        out.setdefault((category, usage_type), {})[metric] = int(v)
+    return out

@@ -1,0 +1,62 @@
+"""Settings of the HVS consumer and the usage API (pydantic-settings, from the environment).
+
+Connection URLs reuse the stack's variables (`REDIS_URL`, `STREAM_URL`); everything else has
+the prefix `HVS_` (consumer and store) or is named below (`API_USERS`).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ops.settings import Connections
+
+_conn = Connections()
+
+# Development default only: user `wtc`, password `wtc-dev` (pbkdf2-sha256, see api/auth.py).
+DEV_API_USERS = (
+    "wtc:pbkdf2_sha256$100000$d3RjLWRldi1zYWx0LTAx$YDqgN1pd0dNkWMZ3w5T+sxVBPDo081JPAYr/olMHMEE="
+)
+
+
+class HvsSettings(BaseSettings):
+    """The high velocity store (Redis db 0) and its consumer."""
+
+    model_config = SettingsConfigDict(env_prefix="HVS_", extra="ignore", populate_by_name=True)
+
+    redis_url: str = Field(default=_conn.redis_url, alias="REDIS_URL")
+    stream_url: str = Field(default=_conn.stream_url, alias="STREAM_URL")
+    retention_days: int = Field(
+        default=35, ge=1, description="keys expire this long after their last write"
+    )
+    group: str = "hvs"
+    consumer_name: str | None = Field(
+        default=None, description="stable name: a restart re-reads its own uncommitted entries"
+    )
+    data_topic: str = "cdr-data"
+    voice_topic: str = "cdr-voice"
+    tick_topic: str = "tick-data"
+    batch_size: int = Field(default=5000, ge=1, le=100_000)
+    poll_timeout: float = Field(default=0.5, gt=0)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=19104, description="0 disables the metrics server")
+
+    @property
+    def retention_seconds(self) -> int:
+        return self.retention_days * 86_400
+
+
+class ApiSettings(BaseSettings):
+    """The usage API."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    redis_url: str = Field(default=_conn.redis_url, alias="REDIS_URL")
+    retention_days: int = Field(default=35, ge=1, alias="HVS_RETENTION_DAYS")
+    api_users: str = Field(
+        default=DEV_API_USERS,
+        alias="API_USERS",
+        description="comma-separated `user:pbkdf2_sha256$iterations$salt$hash` entries",
+    )
+    realm: str = Field(default="wtc-usage", alias="API_REALM")
+    redis_max_connections: int = Field(default=64, alias="API_REDIS_MAX_CONNECTIONS")
