@@ -419,7 +419,7 @@ class Stack:
         pidfile = self.run_dir / f"{name}.pid"
         pid = read_pid(pidfile)
         if pid is not None:
-            log.info("already running", extra={"process": name, "pid": pid})
+            log.info("already running", extra={"service": name, "pid": pid})
             return pid
         self.run_dir.mkdir(parents=True, exist_ok=True)
         logfile = (self.run_dir / f"{name}.log").open("ab")
@@ -433,7 +433,7 @@ class Stack:
             start_new_session=True,
         )
         pidfile.write_text(f"{proc.pid}\n")
-        log.info("started", extra={"process": name, "pid": proc.pid})
+        log.info("started", extra={"service": name, "pid": proc.pid})
         return proc.pid
 
     def stop_processes(self) -> None:
