@@ -226,6 +226,34 @@ def test_repeats_and_conflicting_duplicates(stack, analytics) -> None:
     assert reason.startswith("conflicting duplicate: (MRVZAR, 2024-01-01 00:00:01)")
 
 
+def test_forex_generator_output_lands_and_its_faults_are_rejected(stack, analytics) -> None:
+    """The forex generator's ticks (and its deliberately broken messages) through the sink."""
+    from ingestion.generators.forex import ForexConfig, publish_ticks
+
+    topic = f"ticks-{uuid.uuid4().hex[:8]}"
+    config = ForexConfig(seed=3, duration=timedelta(minutes=10), malformed_rate=0.05)
+    published = publish_ticks(config, stack.stream_url, topic=topic)
+    sink = TickSink(sink_settings(stack, stack.stream_url, topic, batch_size=500), Metrics())
+    total = sink.run(once=True)
+    sink.close()
+    assert total.messages == published
+    assert total.landed + total.rejected == published and total.duplicates == 0
+    reasons = [r for (r,) in analytics.execute("select reason from forex_data.rejected_messages")]
+    assert len(reasons) == total.rejected > 0
+    kinds = {
+        "not JSON": "not_json",
+        "missing field(s)": "missing_field",
+        "bad timestamp": "bad_timestamp",
+        "non-positive price": "negative_price",
+        "unknown pair": "unknown_pair",
+    }
+    seen = {kind for r in reasons for prefix, kind in kinds.items() if r.startswith(prefix)}
+    assert all(any(r.startswith(p) for p in kinds) for r in reasons), reasons
+    assert seen == set(kinds.values())
+    (n,) = analytics.execute("select count(*) from forex_data.ticks").fetchone()
+    assert n == total.landed
+
+
 def _env(stack, topic: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
