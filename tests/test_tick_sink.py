@@ -219,7 +219,9 @@ def test_repeats_and_conflicting_duplicates(stack, analytics) -> None:
     repeat = original  # a producer retry: same tick again
     conflicting = tick_value("MRVZAR", ts, 1.6, 0.02)
     publish(stack.stream_url, topic, [(None, original), (None, repeat), (None, conflicting)])
-    total = TickSink(sink_settings(stack, stack.stream_url, topic), Metrics()).run(once=True)
+    sink = TickSink(sink_settings(stack, stack.stream_url, topic), Metrics())
+    total = sink.run(once=True)
+    sink.close()
     assert (total.landed, total.duplicates, total.rejected) == (1, 1, 1)
     assert landed(analytics) == expected_rows([(None, original)])
     (reason,) = analytics.execute("select reason from forex_data.rejected_messages").fetchone()
