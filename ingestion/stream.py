@@ -173,12 +173,43 @@ def open_consumer(
 # --------------------------------------------------------------------------------------- Kafka
 
 
-def _kafka_config(url: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
+# URL query settings that only one side understands; the other side skips them quietly, so one
+# URL (for example `?group.protocol=consumer`) serves producers and consumers alike.
+_CONSUMER_ONLY = (
+    "group.",
+    "auto.offset.reset",
+    "enable.auto.",
+    "auto.commit.",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "partition.assignment.strategy",
+    "fetch.",
+    "isolation.level",
+)
+_PRODUCER_ONLY = (
+    "acks",
+    "enable.idempotence",
+    "linger.ms",
+    "batch.",
+    "compression.",
+    "message.timeout.ms",
+    "partitioner",
+    "queue.buffering.",
+    "delivery.timeout.ms",
+)
+
+
+def _kafka_config(
+    url: str, config: Mapping[str, Any] | None, role: Literal["producer", "consumer"]
+) -> dict[str, Any]:
+    """librdkafka settings: bootstrap servers and query of the URL, then `config` (wins)."""
     parts = urlsplit(url)
     if not parts.netloc:
         raise StreamError(f"kafka URL {url!r} has no bootstrap servers (kafka://host:port,...)")
     conf: dict[str, Any] = {"bootstrap.servers": parts.netloc}
-    conf.update(parse_qsl(parts.query))
+    other_side = _CONSUMER_ONLY if role == "producer" else _PRODUCER_ONLY
+    conf.update((k, v) for k, v in parse_qsl(parts.query) if not k.startswith(other_side))
     conf.update(config or {})
     return conf
 
@@ -201,7 +232,7 @@ class KafkaProducer(_Closing):
             "error_cb": _kafka_error_cb,
             "logger": log,
         }
-        conf.update(_kafka_config(url, config))
+        conf.update(_kafka_config(url, config, "producer"))
         self._producer = _Producer(conf)
         self._lock = threading.Lock()
         self._failed: list[str] = []
@@ -284,7 +315,7 @@ class KafkaConsumer(_Closing):
             "error_cb": _kafka_error_cb,
             "logger": log,
         }
-        conf.update(_kafka_config(url, config))
+        conf.update(_kafka_config(url, config, "consumer"))
         self._consumer = _Consumer(conf)
         self._consumer.subscribe(list(topics))
         self._closed = False
@@ -532,6 +563,11 @@ class RedisConsumer(_Closing):
                 count=count - len(out),
             )
             cursor, entries = reply[0], reply[1]
+            if len(reply) > 2 and reply[2]:  # Redis 7 drops trimmed entries from the PEL itself
+                log.warning(
+                    "redis stream entries trimmed before processing, dropped as lost",
+                    extra={"stream": skey, "count": len(reply[2])},
+                )
             self._claim_cursor[skey] = cursor.decode() if isinstance(cursor, bytes) else cursor
             if entries:
                 log.info(

@@ -250,6 +250,13 @@ def test_redis_pending_entries_of_a_dead_consumer_are_claimed(stack) -> None:
         heir.commit(claimed)
         assert heir.lag() == 0
     assert sorted(m.position for m in claimed) == sorted(m.position for m in taken)
+    # A consumer that closes with nothing pending leaves the group; "dead" stays until cleaned up.
+    raw = redis.Redis.from_url(url)
+    try:
+        names = {c["name"] for c in raw.xinfo_consumers(stream_key(topic), group)}
+    finally:
+        raw.close()
+    assert names == {b"dead"}
 
 
 def test_redis_key_layout_and_retention(stack) -> None:
