@@ -4,7 +4,8 @@ Steps, each a project command run as its own process:
 
 1. start Postgres, Redis and the SFTP server (`ops.stack`), bootstrap the databases;
 2. generate the three sources: CDR files into the SFTP directory, CRM transactions in
-   `wtc_prod`, forex ticks on the `tick-data` stream;
+   `wtc_prod` (after the change capture has taken its snapshot), forex ticks on the
+   `tick-data` stream;
 3. land them once (CDR loader, tick sink, CRM change capture), which also publishes CDR rows;
 4. start the live side in the background: the loaders in follow mode, the HVS consumer, the
    usage API on :18089;
@@ -113,6 +114,9 @@ def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
         ],
         env,
     )
+    # The change capture starts first (slot and snapshot), so the CRM transactions that follow
+    # land as real inserts, updates and deletes rather than as one snapshot.
+    run("start CRM change capture", [PY, "-m", "ingestion.crm_cdc", "--once"], env)
     run(
         "generate CRM transactions in wtc_prod",
         [
