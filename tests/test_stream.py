@@ -286,3 +286,26 @@ def test_bad_urls_and_arguments_are_clear_errors() -> None:
         open_consumer("redis://127.0.0.1:1/1", "cdr-data", "g")
     with pytest.raises(TypeError):
         open_producer("redis://127.0.0.1:1/1", no_such_option=1)
+
+
+def test_commit_from_another_thread_while_polling(url: str) -> None:
+    """The HVS consumer's pattern: commit batch n in a worker while batch n+1 is polled."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    topic, group = fresh("t"), fresh("g")
+    with open_producer(url) as producer:
+        publish_numbered(producer, topic, 200)
+    got: list[Message] = []
+    with open_consumer(url, [topic], group) as consumer, ThreadPoolExecutor(1) as worker:
+        pending = None
+        deadline = time.monotonic() + DEADLINE_S
+        while len(got) < 200 and time.monotonic() < deadline:
+            batch = consumer.poll(max_messages=25, timeout=0.5)
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(consumer.commit, batch)
+            got += batch
+        if pending is not None:
+            pending.result()
+        assert consumer.lag() == 0
+    assert sorted(numbers(got)) == list(range(200))
