@@ -34,14 +34,15 @@ stop: venv  ## stop everything the demo started, gracefully
 demo: venv  ## set up, run the whole pipeline, leave the API and docs serving (SCALE=small|starter)
 	$(PY) -m ops.demo --scale $(SCALE)
 
-lint: venv  ## ruff and sqlfluff
+lint: venv  ## ruff, and sqlfluff with the dbt templater (offline: the profile's `lint` target)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@if [ -f dbt/dbt_project.yml ]; then $(VENV)/bin/sqlfluff lint dbt/models dbt/macros dbt/tests --processes 2; fi
+	$(VENV)/bin/sqlfluff lint dbt/models dbt/macros dbt/tests --processes 2
 
-format: venv  ## apply ruff's formatting and fixes
+format: venv  ## apply ruff's and sqlfluff's formatting and fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+	$(VENV)/bin/sqlfluff fix dbt/models dbt/macros dbt/tests --processes 2
 
 test: setup lint  ## lint, then the whole test suite against real servers
 	$(VENV)/bin/pytest
