@@ -1,0 +1,461 @@
+"""The HVS consumer: decoding, costs against macros_py, exactly-once application on real Redis
+through the real stream (Redis Streams), WAK pricing (known and pending rates), restarts,
+republished batches, rejected messages, and the follow mode with SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import orjson
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from api import keys as K
+from api.hvs import (
+    BadEvent,
+    Hvs,
+    Rates,
+    call_zar_units,
+    data_zar_units,
+    decode_cdr,
+    decode_tick,
+    run,
+    wak_units,
+    wak_units_oracle,
+)
+from api.settings import HvsSettings
+from ingestion.generators.forex import ForexConfig, publish_ticks, tick_messages
+from ingestion.stream import Message, open_consumer, open_producer
+from macros_py.currency import RateLookup, fx_rates_hourly
+from macros_py.indicators import Tick
+from macros_py.tariffs import call_cost_zar, data_cost_zar
+from ops.settings import PROJECT_ROOT
+from ops.stack import free_port
+
+DATA_TYPES = ("video", "audio", "image", "text", "application")
+CALL_TYPES = ("voice", "video")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def data_event(msisdn: str, ts: datetime, up: int, down: int, dtype: str, file: str, line: int):
+    return {
+        "event_id": f"{file}:{line}",
+        "source_file": file,
+        "line_no": line,
+        "msisdn": msisdn,
+        "tower_id": 7,
+        "up_bytes": up,
+        "down_bytes": down,
+        "data_type": dtype,
+        "ip_address": "10.0.0.1",
+        "website_url": "https://example.org/",
+        "event_datetime": ts.strftime("%Y-%m-%d %H:%M:%S.%f"),
+    }
+
+
+def voice_event(msisdn: str, ts: datetime, seconds: int, ctype: str, file: str, line: int):
+    return {
+        "event_id": f"{file}:{line}",
+        "source_file": file,
+        "line_no": line,
+        "msisdn": msisdn,
+        "tower_id": 9,
+        "call_type": ctype,
+        "dest_nr": "0123456789012",
+        "call_duration_sec": seconds,
+        "start_time": ts.strftime("%Y-%m-%d %H:%M:%S.%f"),
+    }
+
+
+def make_events(n_files: int, rows: int, seed: int, start: datetime) -> dict[str, list[dict]]:
+    """Events of `n_files` data and voice files over two days for 40 subscribers."""
+    rng = random.Random(seed)
+    subs = [f"{rng.randrange(10**13):013d}" for _ in range(40)]
+    out: dict[str, list[dict]] = {"cdr-data": [], "cdr-voice": []}
+    for f in range(n_files):
+        for line in range(1, rows + 1):
+            ts = start + timedelta(seconds=rng.randrange(2 * 86400))
+            ts = ts.replace(microsecond=rng.randrange(1_000_000))
+            out["cdr-data"].append(
+                data_event(
+                    rng.choice(subs),
+                    ts,
+                    rng.randint(100_000, 1_000_000),
+                    rng.randint(100_000, 1_000_000),
+                    rng.choice(DATA_TYPES),
+                    f"cdr_data_{f:04d}.csv",
+                    line + 1,
+                )
+            )
+            out["cdr-voice"].append(
+                voice_event(
+                    rng.choice(subs),
+                    ts,
+                    rng.randint(1, 1800),
+                    rng.choice(CALL_TYPES),
+                    f"cdr_voice_{f:04d}.csv",
+                    line + 1,
+                )
+            )
+    return out
+
+
+def publish(stream_url: str, topic: str, events: list[dict]) -> None:
+    with open_producer(stream_url) as producer:
+        producer.publish_many(
+            topic, ((e["msisdn"].encode(), orjson.dumps(e), None) for e in events)
+        )
+
+
+def oracle_rates(ticks: list[Tick]) -> RateLookup:
+    return RateLookup(fx_rates_hourly(ticks))
+
+
+def expected_usage(
+    events: dict[str, list[dict]], rates: RateLookup | None
+) -> dict[str, dict[str, int]]:
+    """{usage key: {field: value}} computed with macros_py only (tariff and currency)."""
+    from macros_py.currency import zar_to_wak
+
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for topic, evs in events.items():
+        for e in evs:
+            if topic == "cdr-data":
+                ts = datetime.fromisoformat(e["event_datetime"])
+                cat, typ = "data", e["data_type"]
+                total = e["up_bytes"] + e["down_bytes"]
+                zar = data_cost_zar(total)
+            else:
+                ts = datetime.fromisoformat(e["start_time"])
+                cat, typ = "call", e["call_type"]
+                zar = call_cost_zar(e["call_duration_sec"])
+            h = out[K.usage_key(e["msisdn"], ts.strftime("%Y%m%d"))]
+            p = f"{cat}:{typ}:"
+            h[p + "ev"] += 1
+            if cat == "data":
+                h[p + "up"] += e["up_bytes"]
+                h[p + "dn"] += e["down_bytes"]
+                h[p + "by"] += total
+            else:
+                h[p + "s"] += e["call_duration_sec"]
+            h[p + "zar"] += K.to_units(zar)
+            rate = rates.as_of(ts.replace(minute=0, second=0, microsecond=0)) if rates else None
+            if rate is None:
+                h[p + "zp"] += K.to_units(zar)
+            else:
+                h[p + "wak"] += K.to_units(zar_to_wak(zar, rate.zar_per_wak))
+    return {k: {f: v for f, v in h.items()} for k, h in out.items()}
+
+
+def stored_usage(client: redis.Redis) -> dict[str, dict[str, int]]:
+    out = {}
+    for key in client.scan_iter(match="hvs:u:*", count=1000):
+        out[key.decode()] = {
+            f.decode(): int(v) for f, v in client.hgetall(key).items() if int(v) != 0
+        }
+    return out
+
+
+def settings_for(stack, **kw) -> HvsSettings:
+    base = {
+        "redis_url": stack.redis_url,
+        "stream_url": stack.stream_url,
+        "metrics_port": 0,
+        "poll_timeout": 0.1,
+    }
+    base.update(kw)
+    return HvsSettings(**base)
+
+
+def drain(settings: HvsSettings) -> int:
+    return run(settings, threading.Event(), drain=True)
+
+
+def duplicates() -> float:
+    return REGISTRY.get_sample_value("hvs_events_total", {"topic": "all", "outcome": "duplicate"})
+
+
+def msg(topic: str, value: bytes, position: str = "1700000000000-0") -> Message:
+    return Message(topic=topic, key=None, value=value, position=position, headers={})
+
+
+# ------------------------------------------------------------------------- pure (no servers)
+
+
+def test_fast_cost_paths_equal_macros_py():
+    rng = random.Random(1)
+    for _ in range(20_000):
+        b = rng.randint(0, 10**12)
+        assert data_zar_units(b) == K.to_units(data_cost_zar(b))
+    for s in range(0, 5000):
+        assert call_zar_units(s) == K.to_units(call_cost_zar(s))
+    for _ in range(50_000):
+        zar = rng.choice([rng.randint(0, 10**12), rng.randint(0, 1000), 5 * rng.randint(0, 10**6)])
+        rate = rng.randint(10**9, 5 * 10**10)
+        assert wak_units(zar, rate) == wak_units_oracle(zar, rate)
+    # exact ties round half away from zero
+    assert wak_units(1, 2 * 10**10) == wak_units_oracle(1, 2 * 10**10) == 1
+
+
+def test_decode_cdr_publish_format():
+    e = decode_cdr(
+        msg(
+            "cdr-data",
+            orjson.dumps(
+                data_event(
+                    "0123456789012", datetime(2024, 1, 1, 23, 59, 59), 5, 7, "video", "f.csv", 3
+                )
+            ),
+        )
+    )
+    assert (e.msisdn, e.category, e.usage_type, e.up, e.down, e.seconds) == (
+        "0123456789012",
+        "data",
+        "video",
+        5,
+        7,
+        0,
+    )
+    assert (e.day, e.hour, e.source_file, e.line_no) == ("20240101", "2024010123", "f.csv", 3)
+    assert e.landed_at == 1_700_000_000.0  # the Redis entry id's publish time
+    v = decode_cdr(
+        msg(
+            "cdr-voice",
+            orjson.dumps(voice_event("012345678", datetime(2024, 1, 2), 61, "voice", "v.csv", 9)),
+        )
+    )
+    assert (v.category, v.usage_type, v.seconds, v.day, v.hour) == (
+        "call",
+        "voice",
+        61,
+        "20240102",
+        "2024010200",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"msisdn": "27abc"}, "msisdn"),
+        ({"msisdn": 27123456789}, "msisdn"),
+        ({"event_id": "no-line"}, "event_id"),
+        ({"up_bytes": -1}, "up_bytes"),
+        ({"up_bytes": 1.5}, "up_bytes"),
+        ({"event_datetime": "2024-13-01 00:00:00"}, "event_datetime"),
+        ({"event_datetime": "2024-01-01T00:00:00+02:00"}, "naive"),
+        ({"data_type": "a:b"}, "data_type"),
+    ],
+)
+def test_decode_cdr_rejects_with_reason(change, reason):
+    e = data_event("0123456789012", datetime(2024, 1, 1), 5, 7, "video", "f.csv", 3)
+    e.update(change)
+    with pytest.raises(BadEvent, match=reason):
+        decode_cdr(msg("cdr-data", orjson.dumps(e)))
+    with pytest.raises(BadEvent, match="JSON"):
+        decode_cdr(msg("cdr-data", b"{not json"))
+
+
+def test_rates_match_fx_rates_hourly():
+    cfg = ForexConfig(start=datetime(2024, 1, 1), duration=timedelta(hours=5), step_ms=3000)
+    rates = Rates()
+    ticks = []
+    for _, value in tick_messages(cfg):
+        t = decode_tick(msg("tick-data", value))
+        rates.add(t.pair, t.hour, t.price_sum)
+        o = orjson.loads(value)
+        ticks.append(
+            Tick(
+                o["pair_name"],
+                datetime.fromisoformat(o["timestamp"]),
+                Decimal(repr(o["bid_price"])),
+                Decimal(repr(o["ask_price"])),
+            )
+        )
+    lookup = oracle_rates(ticks)
+    for h in range(-1, 8):
+        hour = datetime(2024, 1, 1) + timedelta(hours=h)
+        want = lookup.as_of(hour)
+        got = rates.rate(hour.strftime("%Y%m%d%H"))
+        assert got == (K.to_units(want.zar_per_wak) if want else None), hour
+
+
+# ----------------------------------------------------------------------------- real Redis
+
+
+@pytest.fixture
+def hvs_env(stack, redis_client):
+    return settings_for(stack)
+
+
+def forex(hours: int = 50) -> ForexConfig:
+    # one step every 20 s (180 ticks per pair-hour; the starter has 7200): lean and enough
+    return ForexConfig(start=datetime(2024, 1, 1), duration=timedelta(hours=hours), step_ms=20_000)
+
+
+def forex_oracle(cfg: ForexConfig) -> RateLookup:
+    ticks = []
+    for _, value in tick_messages(cfg):
+        o = orjson.loads(value)
+        ticks.append(
+            Tick(
+                o["pair_name"],
+                datetime.fromisoformat(o["timestamp"]),
+                Decimal(repr(o["bid_price"])),
+                Decimal(repr(o["ask_price"])),
+            )
+        )
+    return oracle_rates(ticks)
+
+
+def test_stream_to_redis_exact_totals_and_wak(stack, hvs_env, redis_client):
+    cfg = forex()
+    publish_ticks(cfg, stack.stream_url)
+    drain(hvs_env)  # rates first: every event hour then has its final rate
+    events = make_events(n_files=4, rows=300, seed=7, start=datetime(2024, 1, 1, 0, 3, 20))
+    for topic, evs in events.items():
+        publish(stack.stream_url, topic, evs)
+    assert drain(hvs_env) == 2400
+    assert stored_usage(redis_client) == expected_usage(events, forex_oracle(cfg))
+    # every key has the retention as its expiry
+    some = next(redis_client.scan_iter(match="hvs:u:*"))
+    assert 0 < redis_client.ttl(some) <= hvs_env.retention_seconds
+    assert redis_client.ttl(K.seen_key("cdr_data_0000.csv")) > 0
+
+
+def test_restart_mid_stream_and_republish_stay_exact(stack, hvs_env, redis_client):
+    events = make_events(n_files=3, rows=400, seed=11, start=datetime(2024, 1, 1))
+    for topic, evs in events.items():
+        publish(stack.stream_url, topic, evs)
+    topics = ["cdr-data", "cdr-voice", "tick-data"]
+    hvs = Hvs(hvs_env)
+    # first consumer: one batch applied and committed, the next applied but not committed (a
+    # crash between the Redis commit and the stream commit), then it dies
+    c1 = open_consumer(stack.stream_url, topics, "hvs", consumer_name="c1")
+    b1 = c1.poll(500, 1.0)
+    hvs.process(b1)
+    c1.commit(b1)
+    b2 = c1.poll(500, 1.0)
+    assert b2
+    hvs.process(b2)
+    # (no commit, no close: the process crashed)
+    # a restart under the same name re-reads its uncommitted entries first, then the rest
+    settings = hvs_env.model_copy(update={"consumer_name": "c1", "batch_size": 700})
+    dup0 = duplicates()
+    drain(settings)
+    assert duplicates() - dup0 == len(b2)  # the uncommitted batch came back and was skipped
+    # republish a batch of already applied events (a loader retry): nothing changes
+    publish(stack.stream_url, "cdr-data", events["cdr-data"][:250])
+    publish(stack.stream_url, "cdr-voice", events["cdr-voice"][100:200])
+    drain(settings)
+    assert duplicates() - dup0 == len(b2) + 350
+    assert stored_usage(redis_client) == expected_usage(events, None)
+    assert c1.lag() == 0
+
+
+def test_duplicates_inside_one_batch_count_once(stack, hvs_env, redis_client):
+    e = data_event("0123456789012", datetime(2024, 1, 1, 5), 100, 200, "text", "d.csv", 2)
+    hvs = Hvs(hvs_env)
+    res = hvs.process([msg("cdr-data", orjson.dumps(e), f"1-{i}") for i in range(3)])
+    assert (res.applied, res.duplicates) == (1, 2)
+    res = hvs.process([msg("cdr-data", orjson.dumps(e), "2-0")])
+    assert (res.applied, res.duplicates) == (0, 1)
+    stored = redis_client.hgetall(K.usage_key("0123456789012", "20240101"))
+    assert stored[b"data:text:ev"] == b"1" and stored[b"data:text:by"] == b"300"
+
+
+def test_wak_pending_until_a_rate_is_known(stack, hvs_env, redis_client):
+    # events first: no tick yet, so their WAK waits; then ticks arrive and price them
+    events = make_events(n_files=1, rows=200, seed=3, start=datetime(2024, 1, 1, 2))
+    for topic, evs in events.items():
+        publish(stack.stream_url, topic, evs)
+    drain(hvs_env)
+    before = stored_usage(redis_client)
+    assert before == expected_usage(events, None)
+    assert redis_client.scard(K.PENDING_INDEX) > 0
+    cfg = forex(hours=3)  # ticks 00:00-03:00: later hours take the 02:00 rate as of
+    publish_ticks(cfg, stack.stream_url)
+    drain(hvs_env)
+    after = stored_usage(redis_client)
+    assert redis_client.scard(K.PENDING_INDEX) == 0
+    lookup = forex_oracle(cfg)
+    want = expected_usage(events, lookup)
+    for key, fields in want.items():
+        got = after[key]
+        for f, v in fields.items():
+            if f.endswith(":wak"):
+                # pending ZAR is priced per (usage key, type, hour) sum, not per event: equal
+                # within half a unit per event
+                n = fields[f.replace(":wak", ":ev")]
+                assert abs(got[f] - v) <= n, (key, f)
+            else:
+                assert got[f] == v, (key, f)
+        assert not any(f.endswith(":zp") for f in got)
+
+
+def test_rejected_messages_are_kept_and_committed(stack, hvs_env, redis_client):
+    good = data_event("0123456789012", datetime(2024, 1, 1), 1, 2, "text", "g.csv", 2)
+    publish(stack.stream_url, "cdr-data", [good])
+    with open_producer(stack.stream_url) as p:
+        p.publish("cdr-data", b"not json")
+        p.publish("tick-data", b'{"pair_name": "XXXYYY"}')
+    assert drain(hvs_env) == 1
+    rejected = [orjson.loads(x) for x in redis_client.lrange(K.REJECTED_KEY, 0, -1)]
+    assert sorted(r["topic"] for r in rejected) == ["cdr-data", "tick-data"]
+    assert all(r["reason"] for r in rejected)
+    c = open_consumer(stack.stream_url, ["cdr-data", "tick-data"], "hvs")
+    assert c.lag() == 0
+    c.close()
+
+
+def test_follow_mode_metrics_and_sigterm(stack, redis_client):
+    port = free_port()
+    env = dict(
+        os.environ,
+        REDIS_URL=stack.redis_url,
+        STREAM_URL=stack.stream_url,
+        HVS_METRICS_PORT=str(port),
+        HVS_POLL_TIMEOUT="0.2",
+        WTC_LOG_FORMAT="json",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.hvs"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        events = make_events(n_files=1, rows=100, seed=5, start=datetime(2024, 1, 1))
+        for topic, evs in events.items():
+            publish(stack.stream_url, topic, evs)
+        want = expected_usage(events, None)
+        deadline = time.monotonic() + 30
+        while stored_usage(redis_client) != want:
+            assert time.monotonic() < deadline, "events not applied in time"
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.1)
+        body = ""
+        while "hvs_landing_to_applied_seconds_count" not in body or "hvs_lag" not in body:
+            assert time.monotonic() < deadline
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert 'hvs_events_total{outcome="applied",topic="cdr"} 200.0' in body
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert b"hvs consumer stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
