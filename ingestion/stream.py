@@ -367,7 +367,7 @@ class KafkaConsumer(_Closing):
             )
 
     def lag(self) -> int | None:
-        """Uncommitted messages on the partitions currently assigned to this consumer."""
+        """Uncommitted messages on this consumer's assigned partitions, as of the last fetch."""
         from confluent_kafka import KafkaException
 
         try:
@@ -376,7 +376,10 @@ class KafkaConsumer(_Closing):
                 return None
             total = 0
             for tp in self._consumer.committed(assigned, timeout=5.0):
-                low, high = self._consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)
+                # Cached from fetch responses (free); ask the broker only when not known yet.
+                low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    low, high = self._consumer.get_watermark_offsets(tp, timeout=5.0)
                 done = tp.offset if tp.offset >= 0 else low
                 total += max(high - done, 0)
             return total
