@@ -16,12 +16,12 @@
     {%- set landed = (' and {a}.landed_at <= ' ~ only_landed_by) if only_landed_by else '' -%}
     (
         select max(clk.modified_ts)
-        from {{ ref('int_crm__changes') }} as clk
+        from (select * from {{ ref('int_crm__changes') }}) as clk
         where
             clk.change_op <> 'd'{{ landed | replace('{a}', 'clk') }}
             and clk.change_lsn = (
                 select max(prev.change_lsn)
-                from {{ ref('int_crm__changes') }} as prev
+                from (select * from {{ ref('int_crm__changes') }}) as prev
                 where
                     prev.change_op <> 'd'{{ landed | replace('{a}', 'prev') }}
                     and prev.change_lsn < {{ lsn }}
@@ -59,7 +59,7 @@ new_changes as (
         changes.entity_key,
         changes.change_op,
         changes.change_lsn
-    from {{ ref('int_crm__changes') }} as changes
+    from (select * from {{ ref('int_crm__changes') }}) as changes
     where changes.landed_at > {{ crm_landed_after('max_landed_at') }}
 ),
 
@@ -69,7 +69,7 @@ affected as (
     where new_changes.entity = '{{ entity }}'
     union
     select deletes.entity_key
-    from {{ ref('int_crm__changes') }} as deletes
+    from (select * from {{ ref('int_crm__changes') }}) as deletes
     where
         deletes.entity = '{{ entity }}'
         and deletes.change_op = 'd'
@@ -94,7 +94,7 @@ changes as (
             when log.change_op = 'd' then {{ crm_clock('log.change_lsn') }}
             else log.modified_ts
         end as change_ts
-    from {{ ref('stg_crm__' ~ entity ~ '_changes') }} as log
+    from (select * from {{ ref('stg_crm__' ~ entity ~ '_changes') }}) as log
     {% if is_incremental() %}
         where log.{{ key }} in (select affected.entity_key from affected)
     {% endif %}
