@@ -8,6 +8,7 @@ day the half-open range [start_time, end_time) touches. `/health` checks Redis, 
 Prometheus, `/docs` and `/openapi.json` describe it all. See docs/usage-api.md.
 """
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -166,6 +167,16 @@ class Metrics:
             REQUESTS.labels(path, str(status)).inc()
 
 
+class _LenientBasic(HTTPBasic):
+    """HTTPBasic (for the OpenAPI security scheme) that hands malformed headers to our 401."""
+
+    async def __call__(self, request: Request) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        try:
+            return await super().__call__(request)
+        except HTTPException:
+            return None
+
+
 # ---------------------------------------------------------------------------------------- app
 
 
@@ -174,20 +185,33 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     auth = Authenticator(parse_users(settings.api_users))
     retention = timedelta(days=settings.retention_days)
     unauthorized = {"WWW-Authenticate": f'Basic realm="{settings.realm}", charset="UTF-8"'}
-    basic = HTTPBasic(auto_error=False, realm=settings.realm)
+    basic = _LenientBasic(auto_error=False, realm=settings.realm, scheme_name="HTTPBasic")
+
+    def store(request: Request) -> aioredis.Redis:
+        """The app's Redis client, made on first use in the running event loop (the lifespan
+        closes it; a client is bound to one loop, and test clients may run several loops)."""
+        state = request.app.state
+        loop = asyncio.get_running_loop()
+        client = getattr(state, "redis", None)
+        if client is None or state.redis_loop is not loop:
+            client = aioredis.Redis.from_url(
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                socket_timeout=2.0,
+                socket_connect_timeout=2.0,
+            )
+            state.redis, state.redis_loop = client, loop
+        return client
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.redis = aioredis.Redis.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
-        )
         try:
             yield
         finally:
-            await app.state.redis.aclose()
+            client = getattr(app.state, "redis", None)
+            if client is not None:
+                app.state.redis = None
+                await client.aclose()
 
     app = FastAPI(
         title="WTC usage API",
@@ -253,7 +277,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             )
         days = K.days_between(start, end)
         try:
-            pipe = request.app.state.redis.pipeline(transaction=False)
+            pipe = store(request).pipeline(transaction=False)
             for key in K.usage_keys(msisdn, days):
                 pipe.hgetall(key)
             hashes = await pipe.execute()
@@ -271,7 +295,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def health(request: Request) -> Response:
         """200 when Redis answers a PING."""
         try:
-            await request.app.state.redis.ping()
+            await store(request).ping()
         except (RedisError, OSError) as exc:
             return _json({"status": "unavailable", "detail": f"redis: {exc}"}, 503)
         return _json({"status": "ok", "redis": "ok"})
