@@ -70,44 +70,43 @@ def read_pid(pidfile: Path) -> int | None:
     """The pid in `pidfile` if that process is alive."""
     try:
         pid = int(pidfile.read_text().split()[0])
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
+    except (FileNotFoundError, ValueError, IndexError):
         return None
-    except PermissionError:
-        return pid
-    return pid
+    return pid if alive(pid) else None
 
 
-def terminate(pidfile: Path, what: str, timeout: float = 30.0) -> bool:
-    """SIGTERM the process in `pidfile` and wait for it to exit. True if one was running."""
-    pid = read_pid(pidfile)
-    if pid is None:
-        pidfile.unlink(missing_ok=True)
-        return False
-    log.info("stopping %s", what, extra={"pid": pid})
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    try:
-        wait_until(lambda: not _alive(pid), what, timeout)
-    except StackError:
-        log.warning("%s did not stop in %.0fs; killing it", what, timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    pidfile.unlink(missing_ok=True)
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie child of ours counts as gone once reaped.
+def alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie waiting for its parent to reap it has exited."""
     with contextlib.suppress(ChildProcessError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    return True
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def terminate(pidfiles: dict[Path, str], timeout: float = 30.0) -> None:
+    """SIGTERM the processes in `pidfiles` (pidfile: what) at once, then wait for each to exit."""
+    running = {}
+    for pidfile, what in pidfiles.items():
+        pid = read_pid(pidfile)
+        if pid is None:
+            pidfile.unlink(missing_ok=True)
+            continue
+        log.info("stopping %s", what, extra={"pid": pid})
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        running[pidfile] = (pid, what)
+    deadline = time.monotonic() + timeout
+    for pidfile, (pid, what) in running.items():
+        try:
+            wait_until(lambda p=pid: not alive(p), what, max(deadline - time.monotonic(), 0.1))
+        except StackError:
+            log.warning("%s did not stop in %.0fs; killing it", what, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
 
 
 @dataclass
@@ -353,7 +352,7 @@ class Stack:
         wait_until(lambda: port_open(self.s.host, self.s.redis_port), "redis to accept connections")
 
     def stop_redis(self) -> None:
-        terminate(self.redis_pidfile, "redis")
+        terminate({self.redis_pidfile: "redis"})
 
     # -- SFTP ----------------------------------------------------------------------------------
 
@@ -410,7 +409,7 @@ class Stack:
         wait_until(lambda: port_open(self.s.host, self.s.sftp_port), "sftp to accept connections")
 
     def stop_sftp(self) -> None:
-        terminate(self.sshd_pidfile, "sftp server")
+        terminate({self.sshd_pidfile: "sftp server"})
 
     # -- the project's own background processes (API, consumers, docs) -------------------------
 
@@ -437,8 +436,7 @@ class Stack:
         return proc.pid
 
     def stop_processes(self) -> None:
-        for pidfile in sorted(self.run_dir.glob("*.pid")):
-            terminate(pidfile, pidfile.stem)
+        terminate({pidfile: pidfile.stem for pidfile in sorted(self.run_dir.glob("*.pid"))})
 
     # -- whole stack ---------------------------------------------------------------------------
 

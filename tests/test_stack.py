@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import redis
 
-from ops.stack import Stack, port_open
+from ops.stack import Stack, alive, port_open
 from tests.fixtures.servers import stack_settings
 
 PROD_TABLES = {
@@ -151,15 +151,6 @@ def test_nothing_binds_beyond_loopback(stack):
     assert addresses == {"0100007F"}  # 127.0.0.1 in /proc's little-endian hex
 
 
-def running(pid: int) -> bool:
-    """True if `pid` is a live process (a zombie awaiting its reaper has exited)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_start_and_stop_are_idempotent_and_leave_nothing_behind():
     state_dir = Path(tempfile.mkdtemp(prefix="wtc-stack-"))
     state_dir.chmod(0o755)
@@ -179,6 +170,6 @@ def test_start_and_stop_are_idempotent_and_leave_nothing_behind():
     stack.stop()  # second stop: a no-op
     assert not any(c.running for c in stack.status())
     for pid in [*pids.values(), sleeper.pid]:
-        assert not running(pid), pid
+        assert not alive(pid), pid
     for port in (settings.pg_port, settings.redis_port, settings.sftp_port):
         assert not port_open("127.0.0.1", port)
