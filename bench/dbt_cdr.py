@@ -78,16 +78,28 @@ def dbt_env(settings: StackSettings, database: str, work_dir: Path) -> dict[str,
     return env
 
 
-def land(dsn: str, files: list[tuple[str, bytes]], loaded_at: datetime | None) -> int:
-    """Land files with the CDR loader's code; optionally date their loaded_at back."""
+def land(dsn: str, files: list[tuple[str, bytes]], landed_until: datetime | None) -> int:
+    """Land files with the CDR loader's code.
+
+    With `landed_until`, date the rows' `loaded_at` back as if each file had been landed at the
+    end of its 5-minute window, the last one at `landed_until` (a history landed over time).
+    """
     with psycopg.connect(dsn, autocommit=True) as conn:
         prepare_session(conn)
         rows = sum(land_file(conn, name, data).rows_landed for name, data in files)
-        if loaded_at is not None:
+        if landed_until is not None:
+            windows = [datetime.strptime(n[-19:-4], "%Y%m%d_%H%M%S") for n, _ in files]
+            last = max(windows)
+            stamps = [landed_until - (last - w) for w in windows]
+            names = [n for n, _ in files]
             for table in ("cdr_data.data_records", "cdr_data.voice_records"):
-                conn.execute(f"update {table} set loaded_at = %s", (loaded_at,))
-            conn.execute("vacuum analyze cdr_data.data_records")
-            conn.execute("vacuum analyze cdr_data.voice_records")
+                conn.execute(
+                    f"update {table} as t set loaded_at = v.loaded_at"
+                    " from unnest(%s::text[], %s::timestamptz[]) as v(name, loaded_at)"
+                    " where t.source_file = v.name",
+                    (names, stamps),
+                )
+                conn.execute(f"vacuum analyze {table}")
     return rows
 
 
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute(ddl)
                 files = generated(hours, args.rows_per_file, args.subscribers)
-                history = land(dsn, files[:-hour_files], datetime.now(UTC) - timedelta(days=2))
+                history = land(dsn, files[:-hour_files], datetime.now(UTC) - timedelta(hours=1))
                 env = dbt_env(settings, f"bench_{name}", state_dir)
                 log.info("full build", extra={"history": name, "rows": history})
                 full[name] = dbt(env, "run", "--full-refresh", *SELECT)

@@ -121,7 +121,34 @@ def assert_parity(conn: psycopg.Connection, step: str) -> dict[str, list[tuple]]
     return built
 
 
-def edge_rows(conn: psycopg.Connection) -> dict[str, object]:
+def runs_watermark(conn: psycopg.Connection) -> datetime:
+    return conn.execute(
+        "select max(max_loaded_at) from intermediate.int_cdr__tower_runs"
+    ).fetchone()[0]
+
+
+def recomputed_runs(conn: psycopg.Connection, watermark: datetime) -> tuple[int, int, int, int]:
+    """Runs recomputed by the last build, the msisdns they belong to, all runs, and the msisdns
+    the last build had to touch: those with a row loaded after `watermark` (the runs' watermark
+    before the build) minus the lookback (15 minutes)."""
+    return conn.execute(
+        """
+        with last_build as (
+            select max(computed_at) as at from intermediate.int_cdr__tower_runs
+        )
+        select
+            count(*) filter (where computed_at = last_build.at),
+            count(distinct msisdn) filter (where computed_at = last_build.at),
+            count(*),
+            (select count(distinct msisdn) from intermediate.int_cdr__interactions
+             where loaded_at > %s - interval '15 minutes')
+        from intermediate.int_cdr__tower_runs, last_build
+        """,
+        (watermark,),
+    ).fetchone()
+
+
+def edge_rows(conn: psycopg.Connection, loaded_at: datetime) -> dict[str, object]:
     """Insert hand-made rows at the edges; return what they are meant to do."""
     # A stored session of >= 4 interactions on one tower, all data records, to split.
     split = conn.execute(
@@ -161,16 +188,18 @@ def edge_rows(conn: psycopg.Connection) -> dict[str, object]:
     ]
     with conn.cursor().copy(
         "copy cdr_data.data_records (source_file, line_no, msisdn, tower_id, up_bytes,"
-        " down_bytes, data_type, event_datetime) from stdin"
+        " down_bytes, data_type, event_datetime, loaded_at) from stdin"
     ) as copy:
         for i, (m, t, ts, _) in enumerate(rows, start=2):
-            copy.write_row(("edge_rows.csv", i, m, t, 100_000 + i, 200_000 + i, "text", ts))
+            copy.write_row(
+                ("edge_rows.csv", i, m, t, 100_000 + i, 200_000 + i, "text", ts, loaded_at)
+            )
     # A 30-minute call on tower 7 right after: it outlasts the session's last interaction.
     conn.execute(
         "insert into cdr_data.voice_records (source_file, line_no, msisdn, tower_id, call_type,"
-        " dest_nr, call_duration_sec, start_time) values"
-        " ('edge_calls.csv', 2, '0000000000001', 7, 'voice', '0000000000002', 1800, %s)",
-        (edge + timedelta(minutes=2),),
+        " dest_nr, call_duration_sec, start_time, loaded_at) values"
+        " ('edge_calls.csv', 2, '0000000000001', 7, 'voice', '0000000000002', 1800, %s, %s)",
+        (edge + timedelta(minutes=2), loaded_at),
     )
     return {"split": (msisdn, tower, start), "extend": last, "edge": edge}
 
@@ -181,18 +210,23 @@ def scenario(stack, dbt_project: DbtProject) -> Iterator[dict[str, object]]:
     results: dict[str, object] = {}
     with psycopg.connect(stack.analytics_dsn, autocommit=True) as conn:
         truncate_cdr(conn)
-        long_ago = datetime.now(UTC) - timedelta(days=1)
-        land_cdr_files(conn, files[:FIRST_PART_FILES], loaded_at=long_ago)
+        now = datetime.now(UTC)
+        # each part landed in the past as in real time, so the runs see only the new part as new
+        land_cdr_files(conn, files[:FIRST_PART_FILES], landed_from=now - timedelta(days=3))
         results["full_build"] = dbt_project.run("build", "--full-refresh", *SELECT)
         results["step1"] = assert_parity(conn, "step 1 (full build)")
 
-        land_cdr_files(conn, files[FIRST_PART_FILES:])
+        land_cdr_files(conn, files[FIRST_PART_FILES:], landed_from=now - timedelta(days=2))
+        watermark = runs_watermark(conn)
         results["incremental_build"] = dbt_project.run("build", *SELECT)
         results["step2"] = assert_parity(conn, "step 2 (incremental, late rows)")
+        results["runs_step2"] = recomputed_runs(conn, watermark)
 
-        results["edges"] = edge_rows(conn)
+        results["edges"] = edge_rows(conn, loaded_at=now - timedelta(days=1))
+        watermark = runs_watermark(conn)
         dbt_project.run("build", *SELECT)
         results["step3"] = assert_parity(conn, "step 3 (incremental, edge rows)")
+        results["runs_step3"] = recomputed_runs(conn, watermark)
 
         dbt_project.run("run", "--full-refresh", *SELECT)
         results["full_refresh"] = {mart: mart_rows(conn, mart) for mart in results["step3"]}
@@ -216,6 +250,17 @@ def test_parity_holds_after_each_step(scenario):
     # assert_parity failed the fixture otherwise; check the steps grew as expected
     for mart in scenario["step1"]:
         assert len(scenario["step1"][mart]) < len(scenario["step2"][mart]), mart
+
+
+def test_incremental_runs_recompute_only_the_touched_tails(scenario):
+    """An incremental run recomputes the tails of the msisdns with new rows (the lookback's
+    included), and only those: not the history."""
+    for step in ("runs_step2", "runs_step3"):
+        recomputed, msisdns, total, touched = scenario[step]
+        assert msisdns == touched, step
+        assert 0 < recomputed < total, step
+    recomputed, msisdns, total, touched = scenario["runs_step3"]
+    assert recomputed < total / 4
 
 
 def test_late_rows_landed_in_windows_built_before(scenario):

@@ -11,6 +11,7 @@
                 'unique': true,
             },
             {'columns': ['computed_at']},
+            {'columns': ['max_loaded_at']},
         ],
     )
 }}
@@ -68,19 +69,23 @@
         ) as kept on true
     ),
 
+    -- lateral: one index range per msisdn on (msisdn, event_ts), whatever the history's size
     interactions as (
         select copied.*
         from tails
-        inner join {{ ref('int_cdr__interactions') }} as copied
-            on
-                tails.msisdn = copied.msisdn
+        cross join lateral (
+            select *
+            from {{ ref('int_cdr__interactions') }} as i
+            where
+                i.msisdn = tails.msisdn  -- noqa: RF03
                 and (
                     tails.run_start is null
                     or (
-                        tails.run_start <= copied.event_ts
-                        and {{ run_key('tails') }} <= {{ interaction_key('copied') }}  -- noqa: RF02
+                        tails.run_start <= i.event_ts
+                        and {{ run_key('tails') }} <= {{ interaction_key('i') }}  -- noqa: RF02
                     )
                 )
+        ) as copied
     ),
 {% else %}
     with

@@ -23,10 +23,13 @@ with
     runs as (
         select runs.*
         from changed
-        inner join {{ ref('int_cdr__tower_runs') }} as runs
-            on
-                changed.msisdn = runs.msisdn
-                and changed.tail_from <= runs.run_start
+        cross join lateral (
+            select *
+            from {{ ref('int_cdr__tower_runs') }} as r
+            where
+                r.msisdn = changed.msisdn  -- noqa: RF03
+                and changed.tail_from <= r.run_start
+        ) as runs
     )
 {% else %}
     runs as (
