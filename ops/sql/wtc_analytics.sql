@@ -18,6 +18,9 @@ create table if not exists cdr_data.files (
     last_event_at timestamp,
     loaded_at timestamptz not null default now()
 );
+-- When the CDR loader published the file's rows to the stream (NULL: not yet; Kafka Connect
+-- leaves it NULL). Added after the first release, hence the alter.
+alter table cdr_data.files add column if not exists published_at timestamptz;
 
 create table if not exists cdr_data.data_records (
     source_file text not null,

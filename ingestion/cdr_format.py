@@ -1,0 +1,223 @@
+"""The CDR file format and its row rules, written once: names, headers, columns, value checks.
+
+Pure logic, no I/O. The loader turns the rules into SQL (`reason_cases`) so that rows are checked
+set-based in Postgres; docs/raw-layer.md lists the same rules for people.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+NAME_PATTERN = re.compile(r"^cdr_(data|voice)_(\d{8})_(\d{6})\.csv$")
+"""A CDR file name: `cdr_data_YYYYmmdd_HHMMSS.csv` or `cdr_voice_YYYYmmdd_HHMMSS.csv`."""
+
+MSISDN_DIGITS = 13
+"""msisdn and dest_nr: 13 digits, kept as text (about 10 % start with a zero)."""
+
+EVENT_TIME_RANGE = ("2000-01-01 00:00:00", "2100-01-01 00:00:00")
+"""Event times outside this range are absurd (also catches `infinity` and `epoch`)."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One CSV column: its name, Postgres type and the check on the typed value.
+
+    `check` is one of: None (any value, empty means NULL), ("digits", count),
+    ("range", low, high), ("one_of", values), ("time_range", low, high).
+    """
+
+    name: str
+    pg_type: str = "text"
+    required: bool = True
+    check: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A CDR file kind: its table, its columns in file order and its event time column."""
+
+    name: str
+    table: str
+    columns: tuple[Column, ...]
+    event_time: str
+    header: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "header", ",".join(c.name for c in self.columns).encode())
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+
+DATA = Kind(
+    name="data",
+    table="cdr_data.data_records",
+    columns=(
+        Column("msisdn", check=("digits", MSISDN_DIGITS)),
+        Column("tower_id", "integer", check=("range", 1, 2000)),
+        Column("up_bytes", "bigint", check=("range", 100_000, 1_000_000)),
+        Column("down_bytes", "bigint", check=("range", 100_000, 1_000_000)),
+        Column("data_type", check=("one_of", ("video", "audio", "image", "text", "application"))),
+        Column("ip_address", required=False),
+        Column("website_url", required=False),
+        Column("event_datetime", "timestamp", check=("time_range", *EVENT_TIME_RANGE)),
+    ),
+    event_time="event_datetime",
+)
+
+VOICE = Kind(
+    name="voice",
+    table="cdr_data.voice_records",
+    columns=(
+        Column("msisdn", check=("digits", MSISDN_DIGITS)),
+        Column("tower_id", "integer", check=("range", 1, 2000)),
+        Column("call_type", check=("one_of", ("voice", "video"))),
+        Column("dest_nr", check=("digits", MSISDN_DIGITS)),
+        Column("call_duration_sec", "integer", check=("range", 1, 1800)),
+        Column("start_time", "timestamp", check=("time_range", *EVENT_TIME_RANGE)),
+    ),
+    event_time="start_time",
+)
+
+KINDS = {k.name: k for k in (DATA, VOICE)}
+MAX_COLUMNS = max(len(k.columns) for k in KINDS.values())
+
+
+def kind_of(file_name: str) -> Kind | None:
+    """The kind of a CDR file from its name, or None when the name is not a CDR file name."""
+    match = NAME_PATTERN.match(file_name)
+    if match is None:
+        return None
+    try:
+        datetime.strptime(match[2] + match[3], "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    return KINDS[match[1]]
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """The lines of a complete file (it ends with a newline), each without its CR/LF ending."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def header_problem(kind: Kind, first_line: bytes) -> str | None:
+    """Why the first line is not the header of `kind`, or None when it is."""
+    line = first_line.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r")
+    if line == kind.header:
+        return None
+    for other in KINDS.values():
+        if line == other.header:
+            return f"not a CDR {kind.name} file: it has the {other.name} header"
+    shown = line[:200].decode("utf-8", "backslashreplace")
+    return f"not a CDR {kind.name} file: header {shown!r}, expected {kind.header.decode()!r}"
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A SQL condition over typed columns that rejects a row, and the reason it gives.
+
+    `implied` rules are covered by a later rule; they only name the reason more precisely, so
+    `invalid_sql` leaves them out.
+    """
+
+    condition: str
+    reason: str
+    implied: bool = False
+
+
+def rules(kind: Kind) -> list[Rule]:
+    """The row rules of `kind` over its typed columns, in order; the first that holds wins.
+
+    Conditions read the columns by name, so they apply to the landed table and to the typed
+    staging rows alike.
+    """
+    out: list[Rule] = []
+    for col in kind.columns:
+        name, check = col.name, col.check
+        if check is None:
+            continue
+        if check[0] == "digits":
+            out.append(
+                Rule(
+                    f"(length({name}) <> {check[1]} or {name} ~ '[^0-9]')",
+                    f"'bad value: {name}=' || quote_literal({name})"
+                    f" || ' ({check[1]} digits expected)'",
+                )
+            )
+        elif check[0] == "range":
+            low, high = check[1], check[2]
+            out.append(Rule(f"{name} < 0", f"'negative value: {name}=' || {name}", implied=True))
+            out.append(
+                Rule(
+                    f"{name} not between {low} and {high}",
+                    f"'out of range: {name}=' || {name} || ' (expected {low}..{high})'",
+                )
+            )
+        elif check[0] == "one_of":
+            values = ", ".join(_quote(v) for v in check[1])
+            out.append(
+                Rule(
+                    f"{name} not in ({values})",
+                    f"'unknown type: {name}=' || quote_literal({name})"
+                    f" || ' (expected one of {'|'.join(check[1])})'",
+                )
+            )
+        elif check[0] == "time_range":
+            low, high = _quote(check[1]) + "::timestamp", _quote(check[2]) + "::timestamp"
+            out.append(
+                Rule(
+                    f"not ({name} >= {low} and {name} < {high})",
+                    f"'out of range: {name}=' || {name}"
+                    f" || ' (expected {check[1][:10]}..{check[2][:10]})'",
+                )
+            )
+        else:  # pragma: no cover - a programming error in the tables above
+            raise ValueError(f"unknown check {check!r}")
+    return out
+
+
+def reason_whens(kind: Kind) -> str:
+    """The `when <condition> then <reason>` lines of the rules, for a SQL `case`."""
+    return "\n".join(f"when {r.condition} then {r.reason}" for r in rules(kind))
+
+
+def reason_sql(kind: Kind) -> str:
+    """A SQL `case` giving a typed row's rejection reason, NULL for a good row."""
+    return f"case\n{reason_whens(kind)}\nend"
+
+
+def invalid_sql(kind: Kind) -> str:
+    """A SQL boolean that is true for a typed row that breaks a rule (the same rules)."""
+    return "(" + " or ".join(r.condition for r in rules(kind) if not r.implied) + ")"
+
+
+def parse_line(raw: bytes) -> tuple[str, str | None, list[str]]:
+    """`(text, problem, fields)` of one line without its ending; `problem` None when it parses.
+
+    Fields are split as Python's csv module writes them (comma, minimal quoting), strictly: a
+    quote in the wrong place, a stray CR or a line break inside quotes is a problem.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "backslashreplace"), "not valid UTF-8", []
+    if "\x00" in text:
+        return text.replace("\x00", "\\x00"), "contains a NUL byte", []
+    if text == "":
+        return text, "empty line", []
+    try:
+        fields = next(csv.reader([text], strict=True))
+    except csv.Error as exc:
+        return text, f"bad CSV: {exc}", []
+    return text, None, fields
