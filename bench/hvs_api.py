@@ -1,0 +1,372 @@
+"""Benchmark of the live usage side: HVS consumer throughput, usage API vs a bare endpoint, and
+Redis memory per subscriber-day. Prints figures and ratios; never fails on a timing.
+
+    python -m bench.hvs_api                    # a private redis-server on a free port
+    python -m bench.hvs_api --redis-url redis://127.0.0.1:56379  # an existing one (db 14, 15)
+
+1. Consumer: N CDR events (data and voice, 50 000 subscribers, two days) plus ticks are
+   published to Redis Streams, then `api.hvs.run(drain=True)` applies them: events/s.
+2. API: one uvicorn worker serving `api.app:app` and one serving `bare_app` below (a GET that
+   reads one Redis hash and answers it as JSON, no auth), each loaded by the same small asyncio
+   HTTP/1.1 keep-alive client in this process: closed-loop throughput (rps) with 32
+   connections, then an open-loop 500 requests/s run for p50/p99 (latency from the scheduled
+   send time, so a stall is not hidden).
+3. Memory: Redis `used_memory` growth and `MEMORY USAGE` of the usage hashes, per
+   subscriber-day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import redis
+
+from ops.settings import PROJECT_ROOT
+
+HERE = Path(__file__).resolve().parent
+DATA_TYPES = ("video", "audio", "image", "text", "application")
+CALL_TYPES = ("voice", "video")
+START = datetime(2024, 1, 1)
+
+
+# --------------------------------------------------------------------------- the bare baseline
+
+
+def _bare_app():  # pragma: no cover - runs inside uvicorn
+    import redis.asyncio as aioredis
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+
+    app = FastAPI()
+    client = aioredis.Redis.from_url(os.environ["REDIS_URL"], max_connections=64)
+
+    @app.get("/bare")
+    async def bare(key: str) -> Response:
+        raw = await client.hgetall(key)
+        body = {k.decode(): int(v) for k, v in raw.items()}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    return app
+
+
+def __getattr__(name: str):
+    if name == "bare_app":
+        app = _bare_app()
+        globals()["bare_app"] = app
+        return app
+    raise AttributeError(name)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+class PrivateRedis:
+    """A throwaway redis-server (no persistence) in a temp dir, stopped by its pid."""
+
+    def __init__(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("redis-server not found (apt-get install redis-server)")
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_port(self.port)
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def events(n: int, subscribers: int, seed: int = 1):
+    rng = random.Random(seed)
+    subs = [f"{rng.randrange(10**13):013d}" for _ in range(subscribers)]
+    for i in range(n):
+        ts = START + timedelta(seconds=rng.randrange(2 * 86400), microseconds=rng.randrange(10**6))
+        f, line = divmod(i, 1000)
+        if i % 2 == 0:
+            yield (
+                "cdr-data",
+                {
+                    "event_id": f"cdr_data_{f:05d}.csv:{line + 2}",
+                    "source_file": f"cdr_data_{f:05d}.csv",
+                    "line_no": line + 2,
+                    "msisdn": rng.choice(subs),
+                    "tower_id": rng.randint(1, 2000),
+                    "up_bytes": rng.randint(100_000, 1_000_000),
+                    "down_bytes": rng.randint(100_000, 1_000_000),
+                    "data_type": rng.choice(DATA_TYPES),
+                    "ip_address": "10.1.2.3",
+                    "website_url": "https://example.org/a",
+                    "event_datetime": ts.strftime("%Y-%m-%d %H:%M:%S.%f"),
+                },
+            )
+        else:
+            yield (
+                "cdr-voice",
+                {
+                    "event_id": f"cdr_voice_{f:05d}.csv:{line + 2}",
+                    "source_file": f"cdr_voice_{f:05d}.csv",
+                    "line_no": line + 2,
+                    "msisdn": rng.choice(subs),
+                    "tower_id": rng.randint(1, 2000),
+                    "call_type": rng.choice(CALL_TYPES),
+                    "dest_nr": "0123456789012",
+                    "call_duration_sec": rng.randint(1, 1800),
+                    "start_time": ts.strftime("%Y-%m-%d %H:%M:%S.%f"),
+                },
+            )
+
+
+# ------------------------------------------------------------------------------ 1. consumer
+
+
+def bench_consumer(stream_url: str, redis_url: str, n: int, subscribers: int) -> dict:
+    from api.hvs import run
+    from api.settings import HvsSettings
+    from ingestion.generators.forex import ForexConfig, publish_ticks
+    from ingestion.stream import open_producer
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    redis.Redis.from_url(stream_url).flushdb()
+    settings = HvsSettings(redis_url=redis_url, stream_url=stream_url, metrics_port=0)
+    publish_ticks(
+        ForexConfig(start=START, duration=timedelta(hours=49), step_ms=10_000), stream_url
+    )
+    ticks_s = time.perf_counter()
+    run(settings, threading.Event(), drain=True)
+    ticks_s = time.perf_counter() - ticks_s
+    with open_producer(stream_url) as p:
+        by_topic: dict[str, list] = {"cdr-data": [], "cdr-voice": []}
+        for topic, e in events(n, subscribers):
+            by_topic[topic].append((e["msisdn"].encode(), orjson.dumps(e), None))
+        for topic, items in by_topic.items():
+            p.publish_many(topic, items)
+    r.config_resetstat()
+    mem0 = r.info("memory")["used_memory"]
+    t0 = time.perf_counter()
+    applied = run(settings, threading.Event(), drain=True)
+    seconds = time.perf_counter() - t0
+    mem1 = r.info("memory")["used_memory"]
+    keys = r.keys("hvs:u:*")
+    sample = random.Random(2).sample(keys, min(2000, len(keys)))
+    per_key = sum(r.memory_usage(k, samples=0) for k in sample) / len(sample)
+    fields = sum(r.hlen(k) for k in sample) / len(sample)
+    stats = r.info("commandstats").get("cmdstat_evalsha", {})
+    return {
+        "events": applied,
+        "seconds": seconds,
+        "events_per_s": applied / seconds,
+        "tick_drain_s": ticks_s,
+        "subscriber_days": len(keys),
+        "hash_bytes_per_subscriber_day": per_key,
+        "fields_per_subscriber_day": fields,
+        "used_memory_per_subscriber_day": (mem1 - mem0) / len(keys),
+        "redis_script_us_per_event": stats.get("usec", 0) / max(applied, 1),
+        "sample_keys": [k.decode() for k in sample[:200]],
+    }
+
+
+# ----------------------------------------------------------------------------------- 2. API
+
+
+async def _request_loop(port: int, paths: list[bytes], auth: bytes, stop_at: float, lat: list):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    rng = random.Random()
+    try:
+        while time.perf_counter() < stop_at:
+            path = rng.choice(paths)
+            t0 = time.perf_counter()
+            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: bench\r\n" + auth + b"\r\n")
+            await _read_response(reader)
+            lat.append(time.perf_counter() - t0)
+    finally:
+        writer.close()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}: {head[:200]!r}")
+    return status
+
+
+async def closed_loop(port: int, paths, auth: bytes, seconds: float, conns: int) -> dict:
+    lat: list[float] = []
+    stop_at = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_request_loop(port, paths, auth, stop_at, lat) for _ in range(conns)))
+    return {"rps": len(lat) / (time.perf_counter() - t0), **_pcts(lat)}
+
+
+async def open_loop(port: int, paths, auth: bytes, rate: float, seconds: float) -> dict:
+    """Requests sent at a fixed rate over a pool of connections; latency from schedule."""
+    pool: asyncio.Queue = asyncio.Queue()
+    for _ in range(64):
+        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    lat: list[float] = []
+    rng = random.Random(3)
+    start = time.perf_counter() + 0.05
+    total = int(rate * seconds)
+
+    async def one(i: int) -> None:
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        reader, writer = await pool.get()
+        writer.write(b"GET " + rng.choice(paths) + b" HTTP/1.1\r\nHost: bench\r\n" + auth + b"\r\n")
+        await _read_response(reader)
+        lat.append(time.perf_counter() - due)
+        pool.put_nowait((reader, writer))
+
+    await asyncio.gather(*(one(i) for i in range(total)))
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+    return {"rate": rate, "sent": total, **_pcts(lat)}
+
+
+def _pcts(lat: list[float]) -> dict:
+    s = sorted(lat)
+    if not s:
+        return {"p50_ms": None, "p99_ms": None}
+    return {"p50_ms": s[len(s) // 2] * 1000, "p99_ms": s[int(len(s) * 0.99)] * 1000}
+
+
+def serve(app: str, port: int, env: dict) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--no-access-log", "--log-level", "warning"],
+        cwd=PROJECT_ROOT,
+        env=env,
+    )  # fmt: skip
+    wait_port(port)
+    return proc
+
+
+def bench_api(redis_url: str, keys: list[str], seconds: float, conns: int) -> dict:
+    env = dict(os.environ, REDIS_URL=redis_url)
+    api_port, bare_port = free_port(), free_port()
+    api = serve("api.app:app", api_port, env)
+    bare = serve("bench.hvs_api:bare_app", bare_port, env)
+    auth = b"Authorization: Basic " + base64.b64encode(b"wtc:wtc-dev") + b"\r\n"
+    api_paths, bare_paths = [], []
+    for k in keys:
+        _, _, msisdn, day = k.split(":")
+        d = datetime.strptime(day, "%Y%m%d")
+        end = (d + timedelta(days=1)).strftime("%Y%m%d%H%M%S")
+        api_paths.append(
+            f"/data_usage?msisdn={msisdn}&start_time={day}000000&end_time={end}".encode()
+        )
+        bare_paths.append(f"/bare?key={k}".encode())
+    out: dict = {}
+    try:
+
+        async def go() -> None:
+            # warm up both (connections, auth cache), then alternate the measured runs
+            await closed_loop(api_port, api_paths, auth, 1.0, conns)
+            await closed_loop(bare_port, bare_paths, b"", 1.0, conns)
+            out["bare_closed"] = await closed_loop(bare_port, bare_paths, b"", seconds, conns)
+            out["api_closed"] = await closed_loop(api_port, api_paths, auth, seconds, conns)
+            out["bare_open_500"] = await open_loop(bare_port, bare_paths, b"", 500, seconds)
+            out["api_open_500"] = await open_loop(api_port, api_paths, auth, 500, seconds)
+
+        asyncio.run(go())
+    finally:
+        for proc in (api, bare):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+    out["rps_ratio"] = out["api_closed"]["rps"] / out["bare_closed"]["rps"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.hvs_api", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--redis-url", help="an existing Redis (uses db 14 and 15, flushed)")
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--subscribers", type=int, default=50_000)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per API run")
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args(argv)
+    private = None if args.redis_url else PrivateRedis()
+    try:
+        if private:
+            hvs_url, stream_url = private.url(0), private.url(1)
+        else:
+            parts = urlsplit(args.redis_url)
+            hvs_url = urlunsplit(parts._replace(path="/14"))
+            stream_url = urlunsplit(parts._replace(path="/15"))
+        c = bench_consumer(stream_url, hvs_url, args.events, args.subscribers)
+        print(f"consumer: {c['events']} events in {c['seconds']:.2f} s = "
+              f"{c['events_per_s']:,.0f} events/s (goal > 50 000); Redis script "
+              f"{c['redis_script_us_per_event']:.1f} us/event")  # fmt: skip
+        print(f"memory: {c['subscriber_days']} subscriber-days, "
+              f"{c['hash_bytes_per_subscriber_day']:.0f} B per usage hash "
+              f"({c['fields_per_subscriber_day']:.1f} fields), "
+              f"{c['used_memory_per_subscriber_day']:.0f} B used_memory growth per "
+              f"subscriber-day (incl. applied-event bitmaps)")  # fmt: skip
+        a = bench_api(hvs_url, c["sample_keys"], args.seconds, args.connections)
+        bc, ac = a["bare_closed"], a["api_closed"]
+        print(f"bare endpoint: {bc['rps']:,.0f} rps (p50 {bc['p50_ms']:.2f} ms, p99 "
+              f"{bc['p99_ms']:.2f} ms, {args.connections} connections)")  # fmt: skip
+        print(f"usage API:     {ac['rps']:,.0f} rps (p50 {ac['p50_ms']:.2f} ms, p99 "
+              f"{ac['p99_ms']:.2f} ms) = {a['rps_ratio']:.0%} of bare (goal >= 60 %)")  # fmt: skip
+        for name in ("bare_open_500", "api_open_500"):
+            o = a[name]
+            print(f"{name}: {o['sent']} requests at {o['rate']:.0f}/s: p50 {o['p50_ms']:.2f} ms, "
+                  f"p99 {o['p99_ms']:.2f} ms (goal p99 < 10 ms for the API)")  # fmt: skip
+        print(f"load average during the run: {os.getloadavg()[0]:.2f} (2 cores, shared)")
+    finally:
+        if private:
+            private.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
