@@ -94,5 +94,8 @@ class Connections(BaseSettings):
     stream_url: str = Field(default=_stack.stream_url, alias="STREAM_URL")
     sftp_url: str = Field(default=_stack.sftp_url, alias="SFTP_URL")
     cdr_dir: str = Field(
-        default="/", alias="CDR_DIR", description="directory on the SFTP server holding CDR files"
+        default=".",
+        alias="CDR_DIR",
+        description="directory on the SFTP server holding CDR files, relative to the login's "
+        "start directory",
     )
