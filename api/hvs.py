@@ -413,7 +413,10 @@ class Rates:
         return r
 
     def load(self, raw: dict[bytes, bytes]) -> None:
-        """From the `hvs:fx` hash."""
+        """Replace what is known with the `hvs:fx` hash (shared by all consumers)."""
+        self._sums = {p: {} for p in PAIRS}
+        self._hours = {p: [] for p in PAIRS}
+        self._cache.clear()
         got: dict[tuple[str, str], list[int]] = {}
         for f, v in raw.items():
             hour, pair, what = f.decode().split(":")
@@ -466,12 +469,23 @@ class Hvs:
         self.redis = client or redis.Redis.from_url(settings.redis_url)
         self._apply = self.redis.register_script(APPLY_LUA)
         self.rates = Rates()
-        self.rates.load(self.redis.hgetall(K.FX_KEY))
-        self.pending_hours: set[str] = {h.decode() for h in self.redis.smembers(K.PENDING_INDEX)}
+        self.pending_hours: set[str] = set()
+        self._next_refresh = 0.0
+        self.refresh()
         self._ttl = settings.retention_seconds
         self._topics = {settings.data_topic: "data", settings.voice_topic: "call"}
 
     # -- applying ---------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Reload the rates and the pending-WAK hours from Redis: several consumers of one group
+        share the work, and each sees only part of the ticks."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(K.FX_KEY)
+        pipe.smembers(K.PENDING_INDEX)
+        fx, pending = pipe.execute()
+        self.rates.load(fx)
+        self.pending_hours = {h.decode() for h in pending}
 
     def _run_script(
         self,
@@ -671,9 +685,12 @@ class Hvs:
             res.ticks = applied
             res.duplicates += dups
             EVENTS.labels(tick_topic, "applied").inc(applied)
-            if applied:
-                self.pending_hours |= {h.decode() for h in self.redis.smembers(K.PENDING_INDEX)}
-                self.price_pending()
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self.refresh()
+            self._next_refresh = now + self.settings.refresh_seconds
+        if any(self.rates.rate(h) is not None for h in self.pending_hours):
+            self.price_pending()
         evs = list(events.values())
         built = None
         if evs:

@@ -38,6 +38,9 @@ class HvsSettings(BaseSettings):
     tick_topic: str = "tick-data"
     batch_size: int = Field(default=5000, ge=1, le=100_000)
     poll_timeout: float = Field(default=0.5, gt=0)
+    refresh_seconds: float = Field(
+        default=0.5, ge=0, description="reload rates shared by the group's consumers this often"
+    )
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=19104, description="0 disables the metrics server")
 

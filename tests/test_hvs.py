@@ -459,3 +459,24 @@ def test_follow_mode_metrics_and_sigterm(stack, redis_client):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_two_consumers_in_one_group_share_the_work_exactly(stack, hvs_env, redis_client):
+    cfg = forex()
+    publish_ticks(cfg, stack.stream_url)
+    drain(hvs_env.model_copy(update={"consumer_name": "ticks"}))
+    events = make_events(n_files=4, rows=300, seed=21, start=datetime(2024, 1, 1, 0, 3, 20))
+    for topic, evs in events.items():
+        publish(stack.stream_url, topic, evs)
+    totals: dict[str, int] = {}
+
+    def one(name: str) -> None:
+        totals[name] = drain(hvs_env.model_copy(update={"consumer_name": name, "batch_size": 200}))
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sum(totals.values()) == 2400  # each event applied by exactly one of them
+    assert stored_usage(redis_client) == expected_usage(events, forex_oracle(cfg))
