@@ -49,11 +49,11 @@ holders as (
     inner join versions
         on
             segments.phone_number = versions.phone_number
-            and versions.valid_from <= segments.held_from
+            and segments.held_from >= versions.valid_from
             and (versions.valid_to is null or segments.held_from < versions.valid_to)
     order by
-        segments.phone_number,
-        segments.held_from,
+        segments.phone_number asc,
+        segments.held_from asc,
         versions.valid_from desc,
         versions.account_id asc,
         versions.version_lsn desc

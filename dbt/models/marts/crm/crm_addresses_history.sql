@@ -1,1 +1,4 @@
-{{ crm_history('addresses', 'account_id', ['street_address', 'city', 'state', 'postal_code', 'country']) }}
+{{ crm_history(
+    'addresses', 'account_id',
+    ['street_address', 'city', 'state', 'postal_code', 'country'],
+) }}

@@ -43,89 +43,98 @@ marks as (
     select
         (select max(events.loaded_at) from (select * from {{ ref('int_cdr__events') }}) as events)
             as cdr_loaded_through,
-        (select max(changes.landed_at) from (select * from {{ ref('int_crm__changes') }}) as changes)
+        (
+            select max(changes.landed_at)
+            from (select * from {{ ref('int_crm__changes') }}) as changes
+        )
             as crm_landed_through,
-        (select max(rates.last_landed_at) from (select * from {{ ref('fx_rates_hourly') }}) as rates)
+        (
+            select max(rates.last_landed_at)
+            from (select * from {{ ref('fx_rates_hourly') }}) as rates
+        )
             as rates_landed_through
 ),
 
 {% if is_incremental() %}
-new_crm_changes as (
-    select
-        changes.entity,
-        changes.entity_key,
-        changes.change_op,
-        changes.change_lsn
-    from (select * from {{ ref('int_crm__changes') }}) as changes
-    where changes.landed_at > {{ crm_landed_after('crm_landed_through') }}
-),
+    new_crm_changes as (
+        select
+            changes.entity,
+            changes.entity_key,
+            changes.change_op,
+            changes.change_lsn
+        from (select * from {{ ref('int_crm__changes') }}) as changes
+        where changes.landed_at > {{ crm_landed_after('crm_landed_through') }}
+    ),
 
-crm_key_logs as (
-    select
-        changes.entity,
-        changes.entity_key,
-        changes.change_op,
-        changes.change_lsn,
-        case
-            when changes.change_op = 'd' then {{ crm_clock('changes.change_lsn') }}
-            else changes.modified_ts
-        end as change_ts
-    from (select * from {{ ref('int_crm__changes') }}) as changes
-    where (changes.entity, changes.entity_key) in (
-        select new_crm_changes.entity, new_crm_changes.entity_key from new_crm_changes
-    )
-),
-
-crm_key_times as (
-    select
-        entity,
-        entity_key,
-        change_lsn,
-        change_ts,
-        lead(change_ts) over (
-            partition by entity, entity_key order by {{ crm_log_order() }}
-        ) as next_change_ts
-    from crm_key_logs
-),
-
-crm_times as (
-    select least(times.change_ts, times.next_change_ts) as changed_at
-    from crm_key_times as times
-    inner join new_crm_changes as new_changes
-        on
-            times.entity = new_changes.entity
-            and times.entity_key = new_changes.entity_key
-            and times.change_lsn = new_changes.change_lsn
-    union all
-    select {{ crm_clock('deletes.change_lsn', crm_landed_after('crm_landed_through')) }}
-        as changed_at
-    from (select * from {{ ref('int_crm__changes') }}) as deletes
-    where
-        deletes.change_op = 'd'
-        and deletes.landed_at <= {{ crm_landed_after('crm_landed_through') }}
-        and deletes.change_lsn > (
-            select min(new_crm_changes.change_lsn) from new_crm_changes
-            where new_crm_changes.change_op <> 'd'
+    crm_key_logs as (
+        select
+            changes.entity,
+            changes.entity_key,
+            changes.change_op,
+            changes.change_lsn,
+            case
+                when changes.change_op = 'd' then {{ crm_clock('changes.change_lsn') }}
+                else changes.modified_ts
+            end as change_ts
+        from (select * from {{ ref('int_crm__changes') }}) as changes
+        where (changes.entity, changes.entity_key) in (
+            select
+                new_crm_changes.entity,
+                new_crm_changes.entity_key
+            from new_crm_changes
         )
-),
+    ),
 
-cutoff as (
-    select
-        {{ time_bucket('least(cdr.changed_at, crm.changed_at, rates.changed_at)', 'h1') }}
-            as rebuild_from
-    from
-        (
-            select min(events.event_ts) as changed_at
-            from (select * from {{ ref('int_cdr__events') }}) as events
-            where events.loaded_at > {{ loaded_after('cdr_loaded_through') }}
-        ) as cdr,
-        (select min(crm_times.changed_at) as changed_at from crm_times) as crm,
-        (
-            select min(rates.hour_start) as changed_at
-            from (select * from {{ ref('fx_rates_hourly') }}) as rates
-            where rates.last_landed_at > {{ loaded_after('rates_landed_through') }}
-        ) as rates
-),
+    crm_key_times as (
+        select
+            entity,
+            entity_key,
+            change_lsn,
+            change_ts,
+            lead(change_ts) over (
+                partition by entity, entity_key order by {{ crm_log_order() }}
+            ) as next_change_ts
+        from crm_key_logs
+    ),
+
+    crm_times as (
+        select least(times.change_ts, times.next_change_ts) as changed_at
+        from crm_key_times as times
+        inner join new_crm_changes as new_changes
+            on
+                times.entity = new_changes.entity
+                and times.entity_key = new_changes.entity_key
+                and times.change_lsn = new_changes.change_lsn
+        union all
+        select {{ crm_clock('deletes.change_lsn', crm_landed_after('crm_landed_through')) }}
+            as changed_at
+        from (select * from {{ ref('int_crm__changes') }}) as deletes
+        where
+            deletes.change_op = 'd'
+            and deletes.landed_at <= {{ crm_landed_after('crm_landed_through') }}
+            and deletes.change_lsn > (
+                select min(new_crm_changes.change_lsn) from new_crm_changes
+                where new_crm_changes.change_op <> 'd'
+            )
+    ),
+
+    cutoff as (
+        select
+            {{ time_bucket('least(cdr.changed_at, crm.changed_at, rates.changed_at)', 'h1') }}
+                as rebuild_from
+        from
+            (
+                select min(events.event_ts) as changed_at
+                from (select * from {{ ref('int_cdr__events') }}) as events
+                where events.loaded_at > {{ loaded_after('cdr_loaded_through') }}
+            ) as cdr,
+            (select min(crm_times.changed_at) as changed_at from crm_times) as crm,
+            (
+                select min(rates.hour_start) as changed_at
+                from (select * from {{ ref('fx_rates_hourly') }}) as rates
+                where rates.last_landed_at > {{ loaded_after('rates_landed_through') }}
+            ) as rates
+    ),
 {% endif %}
 
 events as (
@@ -140,6 +149,10 @@ events as (
     {% endif %}
 ),
 
+holders as (
+    select * from {{ ref('int_crm__phone_holders') }}
+),
+
 attributed as (
     select
         holders.account_id,
@@ -148,14 +161,14 @@ attributed as (
         events.bytes,
         {{ time_bucket('events.event_ts', 'h1') }} as hour_start
     from events
-    inner join (select * from {{ ref('int_crm__phone_holders') }}) as holders
+    inner join holders
         on
             events.msisdn = holders.msisdn
             and events.event_ts >= holders.held_from
             and (holders.held_to is null or events.event_ts < holders.held_to)
 ),
 
-usage as (
+hourly_usage as (
     select
         account_id,
         hour_start,
@@ -170,7 +183,7 @@ hour_rates as (
     select
         hours.hour_start,
         rate.zar_per_wak
-    from (select distinct usage.hour_start from usage) as hours
+    from (select distinct hourly_usage.hour_start from hourly_usage) as hours
     left join lateral (
         select rates.zar_per_wak
         from (select * from {{ ref('fx_rates_hourly') }}) as rates
@@ -182,12 +195,14 @@ hour_rates as (
 
 costed as (
     select
-        usage.*,
+        hourly_usage.*,
         hour_rates.zar_per_wak,
-        ({{ call_cost_zar('usage.call_seconds') }} + {{ data_cost_zar('usage.data_bytes') }})
-            as cost_zar
-    from usage
-    inner join hour_rates on usage.hour_start = hour_rates.hour_start
+        (
+            {{ call_cost_zar('hourly_usage.call_seconds') }}
+            + {{ data_cost_zar('hourly_usage.data_bytes') }}
+        ) as cost_zar
+    from hourly_usage
+    inner join hour_rates on hourly_usage.hour_start = hour_rates.hour_start
 ),
 
 converted as (
@@ -198,21 +213,21 @@ converted as (
 ),
 
 {% if is_incremental() %}
-carried as (
-    select
-        accounts.account_id,
-        last_row.balance_wak
-    from (select distinct usage.account_id from usage) as accounts
-    inner join lateral (
-        select built.balance_wak
-        from {{ this }} as built
-        where
-            built.account_id = accounts.account_id
-            and built.hour_start < (select cutoff.rebuild_from from cutoff)
-        order by built.hour_start desc
-        limit 1
-    ) as last_row on true
-),
+    carried as (
+        select
+            billed.account_id,
+            last_row.balance_wak
+        from (select distinct hourly_usage.account_id from hourly_usage) as billed
+        inner join lateral (
+            select built.balance_wak
+            from {{ this }} as built
+            where
+                built.account_id = billed.account_id
+                and built.hour_start < (select cutoff.rebuild_from from cutoff)
+            order by built.hour_start desc
+            limit 1
+        ) as last_row on true
+    ),
 {% endif %}
 
 balanced as (
@@ -235,33 +250,33 @@ described as (
     select
         balanced.account_id,
         balanced.hour_start,
-        account.owner_name,
-        account.email,
-        account.phone_number,
-        address.street_address,
-        address.city,
-        address.state,
-        address.postal_code,
-        address.country,
-        device.device_id,
-        device.device_name,
-        device.device_type,
-        device.device_os,
-        coalesce(device.device_count, 0)::bigint as device_count,
+        account_info.owner_name,
+        account_info.email,
+        account_info.phone_number,
+        address_info.street_address,
+        address_info.city,
+        address_info.state,
+        address_info.postal_code,
+        address_info.country,
+        device_info.device_id,
+        device_info.device_name,
+        device_info.device_type,
+        device_info.device_os,
         balanced.call_seconds,
         balanced.data_bytes,
         balanced.cost_zar::numeric(38, 10) as cost_zar,
         balanced.zar_per_wak::numeric(38, 10) as zar_per_wak,
         balanced.cost_wak::numeric(38, 10) as cost_wak,
+        balanced.last_event_ts,
+        marks.cdr_loaded_through,
+        marks.crm_landed_through,
+        marks.rates_landed_through,
+        coalesce(device_info.device_count, 0)::bigint as device_count,
         (case
             when balanced.carried_wak is null then balanced.running_wak
             when balanced.running_wak is null then balanced.carried_wak
             else balanced.carried_wak + balanced.running_wak
-        end)::numeric(38, 10) as balance_wak,
-        balanced.last_event_ts,
-        marks.cdr_loaded_through,
-        marks.crm_landed_through,
-        marks.rates_landed_through
+        end)::numeric(38, 10) as balance_wak
     from balanced
     cross join marks
     left join lateral (
@@ -276,7 +291,7 @@ described as (
             and (versions.valid_to is null or balanced.last_event_ts < versions.valid_to)
         order by versions.valid_from desc, versions.version_lsn desc
         limit 1
-    ) as account on true
+    ) as account_info on true
     left join lateral (
         select
             versions.street_address,
@@ -291,7 +306,7 @@ described as (
             and (versions.valid_to is null or balanced.last_event_ts < versions.valid_to)
         order by versions.valid_from desc, versions.version_lsn desc
         limit 1
-    ) as address on true
+    ) as address_info on true
     left join lateral (
         select
             versions.device_id,
@@ -306,27 +321,28 @@ described as (
             and (versions.valid_to is null or balanced.last_event_ts < versions.valid_to)
         order by versions.valid_from desc, versions.device_id desc
         limit 1
-    ) as device on true
+    ) as device_info on true
 ),
 
 final as (
     select {{ columns | join(', ') }}
     from described
     {% if is_incremental() %}
-    union all
-    -- the marker row: carries the cutoff to the replace_from strategy, never inserted
-    select
-        {%- for column in columns %}
-        {% if column == 'hour_start' %}cutoff.rebuild_from{% else %}null{% endif %} as {{ column }}
-        {%- if not loop.last %},{% endif %}
-        {%- endfor %}
-    from cutoff
-    where cutoff.rebuild_from is not null
+        union all
+        -- the marker row: carries the cutoff to the replace_from strategy, never inserted
+        select
+            {%- for column in columns %}
+                {% if column == 'hour_start' %}cutoff.rebuild_from{% else %}null{% endif %}
+                    as {{ column }}
+                {%- if not loop.last %},{% endif %}
+            {%- endfor %}
+        from cutoff
+        where cutoff.rebuild_from is not null
     {% endif %}
 )
 
 select
     {%- for column, column_type in column_types.items() %}
-    {{ column }}::{{ column_type }} as {{ column }}{% if not loop.last %},{% endif %}
+        {{ column }}::{{ column_type }} as {{ column }}{% if not loop.last %},{% endif %}
     {%- endfor %}
 from final
