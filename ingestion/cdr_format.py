@@ -107,6 +107,15 @@ def split_lines(data: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
+def copy_ready(data: bytes) -> bool:
+    """True when every line can go to `COPY (format csv)` as it is: no quote characters.
+
+    Without quotes a CSV line is split at every comma, so a line is exactly one record and its
+    line number is known; lines with quotes take the line path (Python's csv reader).
+    """
+    return b'"' not in data
+
+
 def header_problem(kind: Kind, first_line: bytes) -> str | None:
     """Why the first line is not the header of `kind`, or None when it is."""
     line = first_line.removeprefix(b"\xef\xbb\xbf").rstrip(b"\r")

@@ -31,6 +31,7 @@ from ingestion.cdr_format import (
     KINDS,
     MAX_COLUMNS,
     Kind,
+    copy_ready,
     header_problem,
     invalid_sql,
     kind_of,
@@ -129,7 +130,7 @@ def land_file(conn: psycopg.Connection, file_name: str, data: bytes) -> Landing:
 
         counts = None
         path = "copy"
-        if b'"' not in data:
+        if copy_ready(data):
             counts = _copy_path(conn, kind, file_name, lines)
         if counts is None:
             path = "lines"
@@ -239,13 +240,13 @@ def _line_sql(kind: Kind) -> str:
             typed.append(f"pg_temp.cdr_{col.pg_type}({raw}) as {col.name}")
         if col.required:
             missing.append(
-                f"when coalesce({raw}, '') = '' then 'missing value: {col.name}'",
+                f"when coalesce({col.name}_raw, '') = '' then 'missing value: {col.name}'",
             )
         if col.pg_type != "text":
             what = "timestamp" if col.pg_type == "timestamp" else "number"
             casts.append(
-                f"when {col.name} is null and {raw} <> ''"
-                f" then 'bad {what}: {col.name}=' || quote_literal({raw})"
+                f"when {col.name} is null and {col.name}_raw <> ''"
+                f" then 'bad {what}: {col.name}=' || quote_literal({col.name}_raw)"
             )
         targets.append(col.name)
     cols = ", ".join(targets)

@@ -327,7 +327,9 @@ class CdrLoader:
                     continue
                 outcome, landing = future.result()
                 key = (f.size, f.mtime)
-                if outcome == "done" and landing is not None:
+                if outcome == "unpublished":
+                    result.errors += 1  # landed; the publish is retried after a backoff
+                if outcome in ("done", "unpublished") and landing is not None:
                     self._done[f.name] = key
                     self._incomplete.pop(f.name, None)
                     self._seen.pop(f.name, None)
@@ -377,8 +379,13 @@ class CdrLoader:
             self._drop("conn")
             return "failed", None
         self._record(landing, time.perf_counter() - started)
-        if self.s.publish and landing.outcome in ("landed", "replaced") and landing.rows_landed:
-            self._publish(landing.file_name, landing.kind, landing.sha256)
+        publish = self.s.publish and landing.outcome in ("landed", "replaced")
+        if (
+            publish
+            and landing.rows_landed
+            and not self._publish(landing.file_name, landing.kind, landing.sha256)
+        ):
+            return "unpublished", landing
         return "done", landing
 
     def _record(self, landing: Landing, seconds: float) -> None:

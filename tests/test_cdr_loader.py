@@ -1,0 +1,632 @@
+"""The CDR loader against a real Postgres and a real OpenSSH SFTP server (the `stack` fixture).
+
+Every test works in a directory of its own under the SFTP user's start directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from ingestion.cdr_format import DATA, VOICE, copy_ready, header_problem, kind_of, parse_line
+from ingestion.cdr_landing import copy_body
+from ingestion.cdr_loader import CdrLoader, LoaderSettings
+from ingestion.cdr_publish import CDR_DATA_TOPIC, CDR_VOICE_TOPIC
+from ingestion.generators.cdr import CdrConfig, cdr_files, upload_cdr_files
+from ingestion.stream import open_consumer
+from ops.settings import PROJECT_ROOT
+from ops.stack import free_port
+
+DATA_HEADER = DATA.header.decode()
+VOICE_HEADER = VOICE.header.decode()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 30.0) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def query(stack, sql: str, *params: object) -> list[tuple]:
+    with psycopg.connect(stack.analytics_dsn, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def landed_counts(stack) -> dict[str, int]:
+    rows = query(
+        stack,
+        "select source_file, count(*) from cdr_data.data_records group by 1 union all "
+        "select source_file, count(*) from cdr_data.voice_records group by 1",
+    )
+    return dict(rows)
+
+
+def csv_bytes(header: str, rows: list[str], newline: str = "\r\n") -> bytes:
+    return (newline.join([header, *rows]) + newline).encode()
+
+
+def config(start: datetime, pairs: int, rows: int, **kw: object) -> CdrConfig:
+    return CdrConfig(
+        start=start,
+        duration=timedelta(seconds=200 * pairs),
+        window_seconds=200,
+        rows_per_file=rows,
+        subscribers=500,
+        **kw,
+    )
+
+
+def generated(start: datetime, pairs: int, rows: int, **kw: object) -> list[tuple[str, bytes]]:
+    return list(cdr_files(config(start, pairs, rows, **kw)))
+
+
+@pytest.fixture
+def cdr_dir(stack, analytics) -> Iterator[tuple[str, Path]]:
+    """`(name, local path)` of an empty directory of this test on the SFTP server."""
+    name = f"t_{uuid.uuid4().hex[:8]}"
+    path = stack.cdr_dir / name
+    path.mkdir()
+    shutil.chown(path, "cdr_data")
+    yield name, path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def settings_for(stack, directory: str, **kw: object) -> LoaderSettings:
+    values = {
+        "analytics_dsn": stack.analytics_dsn,
+        "sftp_url": stack.sftp_url,
+        "stream_url": stack.stream_url,
+        "cdr_dir": directory,
+        "settle_seconds": 0,
+        "poll_interval": 0.1,
+        "backoff_max": 0.5,
+        "publish": False,
+        "metrics_port": 0,
+    }
+    values.update(kw)
+    return LoaderSettings(**values)
+
+
+def loader_env(stack, directory: str, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "WTC_ANALYTICS_DSN": stack.analytics_dsn,
+        "SFTP_URL": stack.sftp_url,
+        "STREAM_URL": stack.stream_url,
+        "CDR_DIR": directory,
+        "CDR_SETTLE_SECONDS": "0",
+        "WTC_LOG_FORMAT": "json",
+        **extra,
+    }
+
+
+# -- the file format (no servers) --------------------------------------------------------------
+
+
+def test_names_headers_and_lines() -> None:
+    assert kind_of("cdr_data_20240101_000320.csv") is DATA
+    assert kind_of("cdr_voice_20240101_000320.csv") is VOICE
+    for bad in ("cdr_data_20241301_000320.csv", "cdr_sms_20240101_000320.csv", "notes.txt"):
+        assert kind_of(bad) is None
+    assert header_problem(DATA, DATA.header + b"\r") is None
+    assert header_problem(DATA, b"\xef\xbb\xbf" + DATA.header) is None
+    assert "voice header" in header_problem(DATA, VOICE.header)
+    assert parse_line(b'1,"a,b",c') == ('1,"a,b",c', None, ["1", "a,b", "c"])
+    assert parse_line(b"\xff,1")[1] == "not valid UTF-8"
+    assert parse_line(b"")[1] == "empty line"
+    assert parse_line(b'1,"a"b,c')[1].startswith("bad CSV")
+    assert copy_ready(b"a,b\r\nc,d\n")
+    assert not copy_ready(b'a,"b"\n')
+
+
+def test_copy_body_numbers_physical_lines() -> None:
+    lines = [b"h", b"r1", b"r2", b"r3"]
+    assert copy_body("f.csv", lines) == b"f.csv,2,r1\nf.csv,3,r2\nf.csv,4,r3\n"
+    assert copy_body("f.csv", [b"h"]) == b""
+    many = [b"h"] + [b"x"] * 2500
+    assert copy_body("f", many).splitlines()[-1] == b"f,2501,x"
+
+
+# -- landing -----------------------------------------------------------------------------------
+
+
+def test_generated_files_land_exactly(stack, cdr_dir) -> None:
+    directory, _ = cdr_dir
+    run = config(datetime(2031, 1, 1), pairs=3, rows=150, whole_second_share=0.3)
+    files = list(cdr_files(run))
+    upload_cdr_files(run, stack.sftp_url, directory)
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        assert loader.run_once()
+    assert landed_counts(stack) == {name: 150 for name, _ in files}
+    files_rows = query(
+        stack,
+        "select file_name, kind, size_bytes, sha256, rows_landed, rows_rejected,"
+        " first_event_at is not null from cdr_data.files",
+    )
+    assert {r[0] for r in files_rows} == {name for name, _ in files}
+    for name, kind, size, _sha, landed, rejected, has_times in files_rows:
+        assert (kind, landed, rejected, has_times) == (kind_of(name).name, 150, 0, True)
+        assert size == len(dict(files)[name])
+    assert query(stack, "select count(*) from cdr_data.rejected_rows") == [(0,)]
+    # Every value arrived as written, both timestamp forms included.
+    name, content = files[0]
+    rows = list(csv.reader(io.StringIO(content.decode())))[1:]
+    assert any("." not in r[-1] for r in rows) and any("." in r[-1] for r in rows)
+    db = query(
+        stack,
+        "select msisdn, tower_id::text, up_bytes::text, down_bytes::text, data_type, ip_address,"
+        " website_url, event_datetime from cdr_data.data_records where source_file = %s"
+        " order by line_no",
+        name,
+    )
+    expected = [(*r[:7], datetime.fromisoformat(r[7])) for r in rows]
+    assert db == expected
+
+
+def test_file_still_being_written_is_not_taken_early(stack, cdr_dir) -> None:
+    directory, path = cdr_dir
+    name, content = generated(datetime(2031, 2, 1), pairs=1, rows=300)[0]
+    cut = content.index(b"\r\n", len(content) // 2) + 5  # in the middle of a line
+    target = path / name
+    target.write_bytes(content[:cut])
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        first, second = loader.poll_once(), loader.poll_once()
+        assert (first.waiting, second.incomplete) == (1, 1)
+        assert landed_counts(stack) == {}
+        assert query(stack, "select count(*) from cdr_data.files") == [(0,)]
+        with target.open("ab") as handle:
+            handle.write(content[cut:])
+        assert loader.poll_once().landed == []  # the size changed: wait for it to settle
+        landed = loader.poll_once().landed
+    assert [(x.file_name, x.rows_landed) for x in landed] == [(name, 300)]
+    assert landed_counts(stack) == {name: 300}
+
+
+def test_reuploaded_file_same_is_skipped_changed_is_replaced(stack, cdr_dir, caplog) -> None:
+    directory, path = cdr_dir
+    name = "cdr_voice_20310301_000000.csv"
+    good = "0712345678901,12,voice,0712345678902,60,2031-03-01 00:00:01"
+    bad = "0712345678901,12,telepathy,0712345678902,60,2031-03-01 00:00:02"
+    first = csv_bytes(VOICE_HEADER, [good, bad, good])
+    (path / name).write_bytes(first)
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        assert loader.run_once()
+        assert landed_counts(stack) == {name: 2}
+        # Uploaded again, same bytes: a new modification time, the same checksum.
+        os.utime(path / name, (time.time() + 10, time.time() + 10))
+        again = loader.poll_once().landed + loader.poll_once().landed
+        assert [x.outcome for x in again] == ["skipped"]
+        changed = csv_bytes(VOICE_HEADER, [good, good, good, good])
+        (path / name).write_bytes(changed)
+        os.utime(path / name, (time.time() + 20, time.time() + 20))
+        with caplog.at_level("WARNING"):
+            replaced = loader.poll_once().landed + loader.poll_once().landed
+    assert [(x.outcome, x.rows_landed) for x in replaced] == [("replaced", 4)]
+    assert "replacing its rows" in caplog.text
+    assert landed_counts(stack) == {name: 4}
+    assert query(stack, "select count(*) from cdr_data.rejected_rows") == [(0,)]
+    assert query(stack, "select rows_landed, sha256 from cdr_data.files") == [
+        (4, replaced[0].sha256)
+    ]
+
+
+def test_bad_rows_are_quarantined_with_their_reason(stack, cdr_dir) -> None:
+    directory, path = cdr_dir
+    ok = "0712345678901,7,150000,250000,video,10.0.0.1,https://x.org/,2031-04-01 00:00:01.250000"
+    data_rows = [
+        ok,  # 2
+        ok.replace(".250000", ""),  # 3: whole second form
+        ok.rsplit(",", 1)[0],  # 4
+        ok.replace("150000", "12x45"),  # 5
+        ok.replace("2031-04-01 00:00:01.250000", "2031-13-45 25:61:00"),  # 6
+        ok.replace("video", "hologram"),  # 7
+        ok.replace(",250000,", ",-250000,"),  # 8
+        ok.replace(",7,", ",2001,"),  # 9
+        ok.replace("0712345678901", "12345"),  # 10
+        ok.replace("0712345678901", ""),  # 11
+        ok.replace("https://x.org/", '"https://x.org/a,b"'),  # 12: quoted comma, good
+        "",  # 13
+        ok.replace("https://x.org/", '"https://x.org/"x'),  # 14
+        ok.replace("150000", "99999999999999999999"),  # 15
+    ]
+    data_name = "cdr_data_20310401_000000.csv"
+    (path / data_name).write_bytes(csv_bytes(DATA_HEADER, data_rows, "\n"))
+    # Only value problems, no quotes, CRLF: the COPY path with rows moved to rejected_rows.
+    v = "0712345678901,12,voice,0712345678902,60,2031-04-01 00:00:01"
+    voice_rows = [
+        v,  # 2
+        v.replace(",voice,", ",telepathy,"),  # 3
+        v.replace(",60,", ",9999999,"),  # 4
+        v.replace(",60,", ",-3,"),  # 5
+        v.replace("0712345678902", "07123456789ab"),  # 6
+        v.replace("2031-04-01 00:00:01", "1970-01-01 00:00:00"),  # 7
+        v,  # 8
+    ]
+    voice_name = "cdr_voice_20310401_000000.csv"
+    (path / voice_name).write_bytes(csv_bytes(VOICE_HEADER, voice_rows))
+    utf8_name = "cdr_voice_20310401_000320.csv"
+    (path / utf8_name).write_bytes(csv_bytes(VOICE_HEADER, [v]) + b"07\xff,1\r\n" + v.encode())
+    (path / utf8_name).write_bytes((path / utf8_name).read_bytes() + b"\r\n")
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        assert loader.run_once()
+        paths = {x.file_name: x.path for x in loader.poll_once().landed}
+    assert paths == {}  # nothing left to do
+    reasons = dict(
+        query(
+            stack,
+            "select line_no, reason from cdr_data.rejected_rows where source_file = %s",
+            data_name,
+        )
+    )
+    assert {k: reasons[k].split(":")[0] for k in reasons} == {
+        4: "wrong column count",
+        5: "bad number",
+        6: "bad timestamp",
+        7: "unknown type",
+        8: "negative value",
+        9: "out of range",
+        10: "bad value",
+        11: "missing value",
+        13: "empty line",
+        14: "bad CSV",
+        15: "bad number",
+    }
+    assert reasons[5] == "bad number: up_bytes='12x45'"
+    assert reasons[8] == "negative value: down_bytes=-250000"
+    raw = query(
+        stack,
+        "select raw_line from cdr_data.rejected_rows where source_file = %s and line_no = 7",
+        data_name,
+    )
+    assert raw == [(data_rows[5],)]
+    landed = query(
+        stack,
+        "select line_no, website_url, event_datetime from cdr_data.data_records"
+        " where source_file = %s order by line_no",
+        data_name,
+    )
+    assert landed == [
+        (2, "https://x.org/", datetime(2031, 4, 1, 0, 0, 1, 250000)),
+        (3, "https://x.org/", datetime(2031, 4, 1, 0, 0, 1)),
+        (12, "https://x.org/a,b", datetime(2031, 4, 1, 0, 0, 1, 250000)),
+    ]
+    voice_reasons = dict(
+        query(
+            stack,
+            "select line_no, reason from cdr_data.rejected_rows where source_file = %s",
+            voice_name,
+        )
+    )
+    assert voice_reasons == {
+        3: "unknown type: call_type='telepathy' (expected one of voice|video)",
+        4: "out of range: call_duration_sec=9999999 (expected 1..1800)",
+        5: "negative value: call_duration_sec=-3",
+        6: "bad value: dest_nr='07123456789ab' (13 digits expected)",
+        7: "out of range: start_time=1970-01-01 00:00:00 (expected 2000-01-01..2100-01-01)",
+    }
+    assert query(
+        stack,
+        "select rows_landed, rows_rejected from cdr_data.files where file_name = %s",
+        voice_name,
+    ) == [(2, 5)]
+    assert query(
+        stack,
+        "select line_no, reason from cdr_data.rejected_rows where source_file = %s",
+        utf8_name,
+    ) == [(3, "not valid UTF-8")]
+    assert landed_counts(stack) == {data_name: 3, voice_name: 2, utf8_name: 2}
+
+
+def test_the_copy_path_and_the_line_path_agree(stack, cdr_dir) -> None:
+    """The same value problems give the same reasons whichever path a file takes."""
+    directory, path = cdr_dir
+    v = "0712345678901,12,voice,0712345678902,60,2031-05-01 00:00:01"
+    rows = [v, v.replace(",voice,", ",fax,"), v.replace(",60,", ",0,"), v.replace(",12,", ",-1,")]
+    plain, quoted = "cdr_voice_20310501_000000.csv", "cdr_voice_20310501_000320.csv"
+    (path / plain).write_bytes(csv_bytes(VOICE_HEADER, rows))
+    (path / quoted).write_bytes(csv_bytes(VOICE_HEADER, [*rows, v.replace(",voice,", ',"voice",')]))
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        loader.poll_once()
+        by_path = {x.file_name: x.path for x in loader.poll_once().landed}
+    assert by_path == {plain: "copy", quoted: "lines"}
+    reasons = query(
+        stack,
+        "select source_file, line_no, reason from cdr_data.rejected_rows order by 1, 2",
+    )
+    assert [(n, r) for f, n, r in reasons if f == plain] == [
+        (n, r) for f, n, r in reasons if f == quoted
+    ]
+    assert len(reasons) == 6
+    assert landed_counts(stack) == {plain: 1, quoted: 2}
+
+
+def test_files_that_are_not_cdr_files_are_rejected_whole(stack, cdr_dir) -> None:
+    directory, path = cdr_dir
+    (path / "notes.txt").write_text("hello\n")
+    wrong = "cdr_data_20310601_000000.csv"
+    (path / wrong).write_bytes(csv_bytes(VOICE_HEADER, ["a,b,c,d,e,f"]))
+    junk = "cdr_voice_20310601_000000.csv"
+    (path / junk).write_bytes(b"PK\x03\x04 binary junk\n")
+    good_name, good = generated(datetime(2031, 6, 1, 0, 3, 20), pairs=1, rows=10)[1]
+    (path / good_name).write_bytes(good)
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        assert loader.run_once()
+        assert loader.run_once()  # nothing is rejected twice
+    rejected = query(
+        stack, "select source_file, line_no, reason from cdr_data.rejected_rows order by 1"
+    )
+    assert [(f, n) for f, n, _ in rejected] == [(wrong, 0), (junk, 0), ("notes.txt", 0)]
+    reasons = {f: r for f, _, r in rejected}
+    assert reasons[wrong] == "not a CDR data file: it has the voice header"
+    assert reasons[junk].startswith("not a CDR voice file: header ")
+    assert reasons["notes.txt"].startswith("not a CDR file: the name does not match")
+    assert landed_counts(stack) == {good_name: 10}
+    assert query(
+        stack, "select file_name, rows_landed, rows_rejected from cdr_data.files order by 1"
+    ) == sorted([(wrong, 0, 1), (good_name, 10, 0), (junk, 0, 1)])
+
+
+# -- crashes, signals and outages --------------------------------------------------------------
+
+
+def test_killed_in_the_middle_of_a_file_lands_nothing_and_the_rerun_lands_it_once(
+    stack, cdr_dir
+) -> None:
+    directory, path = cdr_dir
+    name, content = generated(datetime(2031, 7, 1), pairs=1, rows=400)[0]
+    (path / name).write_bytes(content)
+    env = loader_env(stack, directory)
+    argv = [sys.executable, "-m", "ingestion.cdr_loader", "--once", "--no-publish"]
+    # Hold the files table so that the loader stops inside its transaction, after its rows.
+    blocker = psycopg.connect(stack.analytics_dsn)
+    try:
+        blocker.execute("lock table cdr_data.files in exclusive mode")
+        proc = subprocess.Popen(
+            argv, env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        try:
+            wait_for(
+                lambda: query(
+                    stack,
+                    "select count(*) from pg_stat_activity where application_name = 'cdr_loader'"
+                    " and wait_event_type = 'Lock'",
+                )[0][0],
+                "the loader to block inside its transaction",
+            )
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            proc.stderr.close()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    wait_for(
+        lambda: (
+            not query(stack, "select 1 from pg_stat_activity where application_name = 'cdr_loader'")
+        ),
+        "the killed loader's session to end",
+    )
+    assert landed_counts(stack) == {}
+    assert query(stack, "select count(*) from cdr_data.files") == [(0,)]
+    rerun = subprocess.run(argv, env=env, cwd=PROJECT_ROOT, capture_output=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    assert landed_counts(stack) == {name: 400}
+    assert query(stack, "select count(*) from cdr_data.files") == [(1,)]
+
+
+def test_sigterm_ends_follow_cleanly_and_metrics_are_served(stack, cdr_dir) -> None:
+    directory, path = cdr_dir
+    port = free_port()
+    env = loader_env(stack, directory, CDR_POLL_INTERVAL="0.2", CDR_METRICS_PORT=str(port))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ingestion.cdr_loader", "--no-publish"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for name, content in generated(datetime(2031, 8, 1), pairs=1, rows=50):
+            (path / name).write_bytes(content)
+        wait_for(lambda: len(landed_counts(stack)) == 2, "the files to land")
+
+        def landed_metric() -> bool:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except httpx.HTTPError:
+                return False
+            return 'cdr_loader_rows_landed_total{kind="voice"} 50.0' in text
+
+        wait_for(landed_metric, "the metrics to count the landed rows")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stderr = proc.stderr.read().decode()
+        proc.stderr.close()
+    assert "cdr loader stopped" in stderr
+
+
+def _sftp_sessions(stack) -> list[int]:
+    """Pids of the per-connection sshd processes of the test stack's SFTP server."""
+    listener = int(stack.stack.sshd_pidfile.read_text().split()[0])
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == listener:
+                children.append(int(entry.name))
+    return children
+
+
+def test_follow_survives_a_postgres_restart_and_an_sftp_disconnect(stack, cdr_dir) -> None:
+    directory, path = cdr_dir
+    pairs = generated(datetime(2031, 9, 1), pairs=3, rows=40)
+    loader = CdrLoader(settings_for(stack, directory), progress=False)
+    thread = threading.Thread(target=loader.follow, daemon=True)
+    thread.start()
+    try:
+        for name, content in pairs[:2]:
+            (path / name).write_bytes(content)
+        wait_for(lambda: len(landed_counts(stack)) == 2, "the first pair to land")
+
+        stack.stack.stop_postgres()
+        try:
+            for name, content in pairs[2:4]:
+                (path / name).write_bytes(content)
+            wait_for(
+                lambda: loader.metrics.registry.get_sample_value(
+                    "cdr_loader_errors_total", {"where": "postgres"}
+                ),
+                "the loader to notice Postgres is gone",
+            )
+        finally:
+            stack.stack.start_postgres()
+        wait_for(lambda: len(landed_counts(stack)) == 4, "the second pair to land", 60)
+
+        sessions = _sftp_sessions(stack)
+        assert sessions
+        for pid in sessions:
+            os.kill(pid, signal.SIGTERM)
+        for name, content in pairs[4:]:
+            (path / name).write_bytes(content)
+        wait_for(lambda: len(landed_counts(stack)) == 6, "the third pair to land", 60)
+        assert loader.metrics.registry.get_sample_value(
+            "cdr_loader_errors_total", {"where": "sftp"}
+        )
+        assert thread.is_alive()
+    finally:
+        loader.stop.set()
+        thread.join(timeout=30)
+        loader.close()
+    assert landed_counts(stack) == {name: 40 for name, _ in pairs}
+
+
+# -- publishing --------------------------------------------------------------------------------
+
+
+def _consume(url: str, files: set[str], want: int) -> list[dict]:
+    """Messages of `files` on both CDR topics, read by a fresh group until `want` arrived."""
+    seen: list[dict] = []
+    group = f"cdr-test-{uuid.uuid4().hex[:8]}"
+    with open_consumer(url, [CDR_DATA_TOPIC, CDR_VOICE_TOPIC], group) as consumer:
+        deadline = time.monotonic() + 60
+        while len(seen) < want and time.monotonic() < deadline:
+            batch = consumer.poll(max_messages=5000, timeout=0.5)
+            for message in batch:
+                value = json.loads(message.value)
+                if value["source_file"] in files:
+                    assert message.key == value["msisdn"].encode()
+                    assert message.topic == f"cdr-{kind_of(value['source_file']).name}"
+                    seen.append(value)
+            consumer.commit(batch)
+        # Anything beyond `want` (a duplicate) would show up within a short extra poll.
+        for message in consumer.poll(max_messages=5000, timeout=1.0):
+            value = json.loads(message.value)
+            if value["source_file"] in files:
+                seen.append(value)
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["redis", "kafka"])
+def test_landed_rows_are_published_once_with_stable_event_ids(
+    stack, cdr_dir, request, backend
+) -> None:
+    directory, path = cdr_dir
+    url = stack.stream_url if backend == "redis" else request.getfixturevalue("kafka_url")
+    start = datetime(2032, 1, 1) + timedelta(days=30 * (backend == "kafka"))
+    files = generated(start, pairs=2, rows=60)
+    bad_name, _ = files[0]
+    names = {name for name, _ in files}
+    for name, content in files:
+        (path / name).write_bytes(content)
+    # One bad row: it is not published.
+    content = dict(files)[bad_name].replace(b",video,", b",hologram,", 1)
+    (path / bad_name).write_bytes(content)
+    with CdrLoader(settings_for(stack, directory, stream_url=url, publish=True)) as loader:
+        assert loader.run_once()
+        landed = {
+            f"{f}:{n}"
+            for f, n in query(
+                stack,
+                "select source_file, line_no from cdr_data.data_records union all"
+                " select source_file, line_no from cdr_data.voice_records",
+            )
+        }
+        assert len(landed) == 60 * 4 - 1
+        assert query(stack, "select count(*) from cdr_data.files where published_at is null") == [
+            (0,)
+        ]
+        events = _consume(url, names, len(landed))
+        assert Counter(e["event_id"] for e in events) == Counter(landed)
+        sample = next(e for e in events if e["event_id"] == f"{files[1][0]}:2")
+        first_row = files[1][1].split(b"\r\n")[1].decode().split(",")
+        assert sample == {
+            "event_id": f"{files[1][0]}:2",
+            "source_file": files[1][0],
+            "line_no": 2,
+            "msisdn": first_row[0],
+            "tower_id": int(first_row[1]),
+            "call_type": first_row[2],
+            "dest_nr": first_row[3],
+            "call_duration_sec": int(first_row[4]),
+            "start_time": datetime.fromisoformat(first_row[5]).strftime("%Y-%m-%d %H:%M:%S.%f"),
+        }
+        # A crash between commit and publish: the file is published again, same event ids.
+        query(
+            stack,
+            "update cdr_data.files set published_at = null where file_name = %s returning 1",
+            bad_name,
+        )
+        assert loader.poll_once().published == 1
+    again = _consume(url, {bad_name}, 2 * 59)
+    assert Counter(e["event_id"] for e in again) == Counter(
+        {e: 2 for e in landed if e.startswith(bad_name)}
+    )
+
+
+def test_a_stream_outage_does_not_lose_the_publish(stack, cdr_dir, redis_client) -> None:
+    directory, path = cdr_dir
+    files = generated(datetime(2032, 6, 1), pairs=1, rows=20)
+    for name, content in files:
+        (path / name).write_bytes(content)
+    dead = f"redis://127.0.0.1:{free_port()}/1"
+    with CdrLoader(settings_for(stack, directory, stream_url=dead, publish=True)) as loader:
+        assert not loader.run_once()  # landed, but the publish could not complete
+    assert len(landed_counts(stack)) == 2
+    assert query(stack, "select count(*) from cdr_data.files where published_at is null") == [(2,)]
+    with CdrLoader(settings_for(stack, directory, publish=True)) as loader:
+        assert loader.run_once()
+    assert query(stack, "select count(*) from cdr_data.files where published_at is null") == [(0,)]
+    events = _consume(stack.stream_url, {n for n, _ in files}, 40)
+    assert len({e["event_id"] for e in events}) == len(events) == 40
