@@ -862,8 +862,12 @@ def main(argv: list[str] | None = None) -> int:
         "hvs consumer starting",
         extra={"stream": settings.stream_url, "group": settings.group, "drain": args.drain},
     )
+    t0 = time.monotonic()
     total = run(settings, stop, drain=args.drain)
-    log.info("hvs consumer stopped", extra={"events_applied": total})
+    log.info(
+        "hvs consumer stopped",
+        extra={"events_applied": total, "seconds": round(time.monotonic() - t0, 3)},
+    )
     return 0
 
 

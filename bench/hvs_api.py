@@ -160,7 +160,52 @@ def events(n: int, subscribers: int, seed: int = 1):
 # ------------------------------------------------------------------------------ 1. consumer
 
 
-def bench_consumer(stream_url: str, redis_url: str, n: int, subscribers: int) -> dict:
+def consumer_processes(stream_url: str, redis_url: str, count: int, keep_keys: list) -> dict:
+    """The same events again (a new group, an empty store) by `count` `python -m api.hvs
+    --drain` processes in one group; their own run times (imports excluded)."""
+    r = redis.Redis.from_url(redis_url)
+    keep = {k: r.dump(k) for k in keep_keys}  # the API bench reads these
+    r.flushdb()
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        STREAM_URL=stream_url,
+        HVS_GROUP="bench-processes",
+        HVS_METRICS_PORT="0",
+        WTC_LOG_FORMAT="json",
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "api.hvs", "--drain"],
+            cwd=PROJECT_ROOT,
+            env={**env, "HVS_CONSUMER_NAME": f"p{i}"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(count)
+    ]
+    applied, seconds = 0, 0.0
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        for line in err.decode().splitlines():
+            if "hvs consumer stopped" in line:
+                entry = orjson.loads(line)
+                applied += entry["events_applied"]
+                seconds = max(seconds, entry["seconds"])
+    r.flushdb()
+    for k, v in keep.items():
+        r.restore(k, 0, v)
+    return {
+        "processes": count,
+        "events": applied,
+        "seconds": seconds,
+        "events_per_s": applied / seconds,
+    }
+
+
+def bench_consumer(
+    stream_url: str, redis_url: str, n: int, subscribers: int, processes: int = 2
+) -> dict:
     from api.hvs import run
     from api.settings import HvsSettings
     from ingestion.generators.forex import ForexConfig, publish_ticks
@@ -193,6 +238,9 @@ def bench_consumer(stream_url: str, redis_url: str, n: int, subscribers: int) ->
     per_key = sum(r.memory_usage(k, samples=0) for k in sample) / len(sample)
     fields = sum(r.hlen(k) for k in sample) / len(sample)
     stats = r.info("commandstats").get("cmdstat_evalsha", {})
+    per_process = None
+    if processes > 1:
+        per_process = consumer_processes(stream_url, redis_url, processes, sample[:200])
     return {
         "events": applied,
         "seconds": seconds,
@@ -204,6 +252,7 @@ def bench_consumer(stream_url: str, redis_url: str, n: int, subscribers: int) ->
         "used_memory_per_subscriber_day": (mem1 - mem0) / len(keys),
         "redis_script_us_per_event": stats.get("usec", 0) / max(applied, 1),
         "sample_keys": [k.decode() for k in sample[:200]],
+        "processes": per_process,
     }
 
 
@@ -346,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"consumer: {c['events']} events in {c['seconds']:.2f} s = "
               f"{c['events_per_s']:,.0f} events/s (goal > 50 000); Redis script "
               f"{c['redis_script_us_per_event']:.1f} us/event")  # fmt: skip
+        if c["processes"]:
+            pp = c["processes"]
+            print(f"consumer, {pp['processes']} processes in one group: {pp['events']} events, "
+                  f"{pp['events_per_s']:,.0f} events/s")  # fmt: skip
         print(f"memory: {c['subscriber_days']} subscriber-days, "
               f"{c['hash_bytes_per_subscriber_day']:.0f} B per usage hash "
               f"({c['fields_per_subscriber_day']:.1f} fields), "
