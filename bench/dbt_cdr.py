@@ -47,6 +47,7 @@ END_OF_HISTORY = datetime(2024, 1, 6, 12, 0, 0)  # the new hour is 12:00-13:00, 
 class Timing:
     wall_s: float
     models_s: float
+    per_model: dict[str, float]
 
 
 def dbt(env: dict[str, str], *args: str) -> Timing:
@@ -59,7 +60,8 @@ def dbt(env: dict[str, str], *args: str) -> Timing:
     if done.returncode != 0:
         raise RuntimeError(f"dbt {' '.join(args)} failed:\n{done.stdout[-4000:]}{done.stderr}")
     results = json.loads((Path(env["DBT_TARGET_PATH"]) / "run_results.json").read_text())
-    return Timing(wall, sum(r["execution_time"] for r in results["results"]))
+    per_model = {r["unique_id"].split(".")[-1]: r["execution_time"] for r in results["results"]}
+    return Timing(wall, sum(per_model.values()), per_model)
 
 
 def dbt_env(settings: StackSettings, database: str, work_dir: Path) -> dict[str, str]:
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             f" +1 h ({rows[name][1]} rows) incremental {incremental[name].wall_s:5.1f} s"
             f" (models {incremental[name].models_s:5.2f} s)"
         )
+    print("  incremental run per model, small -> large (s):")
+    for model, small_s in incremental["small"].per_model.items():
+        large_s = incremental["large"].per_model.get(model, float("nan"))
+        print(f"    {model:28} {small_s:6.2f} -> {large_s:6.2f}")
     ratio_models = incremental["large"].models_s / incremental["small"].models_s
     ratio_wall = incremental["large"].wall_s / incremental["small"].wall_s
     print(
