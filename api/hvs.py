@@ -242,24 +242,39 @@ def decode_cdr(msg: Message, category: str | None = None) -> CdrEvent:
         raise BadEvent(f"value is not JSON: {exc}") from None
     if type(obj) is not dict:
         raise BadEvent("value is not a JSON object")
-    msisdn = _text(obj, "msisdn")
-    if not (len(msisdn) <= 15 and msisdn.isascii() and msisdn.isdigit()):
+    msisdn = obj.get("msisdn")
+    if not (type(msisdn) is str and 0 < len(msisdn) <= 15 and msisdn.isascii()):
+        raise BadEvent(f"msisdn must be up to 15 digits, got {msisdn!r}")
+    if not msisdn.isdigit():
         raise BadEvent(f"msisdn must be up to 15 digits, got {msisdn!r}")
     source_file, sep, line = _text(obj, "event_id").rpartition(":")
     if not (sep and source_file and line.isascii() and line.isdigit()):
         raise BadEvent(f"event_id must be 'source_file:line_no', got {obj['event_id']!r}")
     if category == "data":
-        up = _count(obj, "up_bytes")
-        down = _count(obj, "down_bytes")
+        up = obj.get("up_bytes")
+        if type(up) is not int or up < 0:
+            up = _count(obj, "up_bytes")
+        down = obj.get("down_bytes")
+        if type(down) is not int or down < 0:
+            down = _count(obj, "down_bytes")
         seconds = 0
         usage_type = _usage_type(obj, "data_type")
-        ts = _when(obj, "event_datetime")
+        when = "event_datetime"
     else:
         up = down = 0
-        seconds = _count(obj, "call_duration_sec")
+        seconds = obj.get("call_duration_sec")
+        if type(seconds) is not int or seconds < 0:
+            seconds = _count(obj, "call_duration_sec")
         usage_type = _usage_type(obj, "call_type")
-        ts = _when(obj, "start_time")
-    day = f"{ts.year:04d}{ts.month:02d}{ts.day:02d}"
+        when = "start_time"
+    v = obj.get(when)
+    ts = _when(obj, when)  # validates; the publisher's form is sliced below (cheaper)
+    if len(v) >= 19 and v[4] == "-" and v[7] == "-" and v[13] == ":":
+        day = v[0:4] + v[5:7] + v[8:10]
+        hour = day + v[11:13]
+    else:
+        day = f"{ts.year:04d}{ts.month:02d}{ts.day:02d}"
+        hour = f"{day}{ts.hour:02d}"
     return CdrEvent(
         msisdn,
         category,
@@ -268,7 +283,7 @@ def decode_cdr(msg: Message, category: str | None = None) -> CdrEvent:
         down,
         seconds,
         day,
-        f"{day}{ts.hour:02d}",
+        hour,
         source_file,
         int(line),
         landed_at(obj, msg.headers, msg.position),
@@ -543,13 +558,13 @@ class Hvs:
         groups: dict[tuple[str, str, str], list[int]] = {}
         pending: dict[tuple[str, str, str, str], int] = {}
         bits: dict[str, list[tuple[int, int]]] = {}
+        by_file: dict[str, list[tuple[int, int]]] = {}
         rates = self.rates
         data_units, call_units, wak = data_zar_units, call_zar_units, wak_units
         for i, e in enumerate(events):
-            sk = K.seen_key(e.source_file)
-            b = bits.get(sk)
+            b = by_file.get(e.source_file)
             if b is None:
-                b = bits[sk] = []
+                b = by_file[e.source_file] = []
             b.append((e.line_no, i))
             key = K.usage_key(e.msisdn, e.day)
             zar = data_units(e.up + e.down) if e.category == "data" else call_units(e.seconds)
@@ -569,6 +584,8 @@ class Hvs:
                 pending[pk] = pending.get(pk, 0) + zar
             else:
                 acc[5] += wak(zar, rate)
+        for source_file, b in by_file.items():
+            bits[K.seen_key(source_file)] = b
         incr: dict[str, list[str | int]] = {}
         for (key, category, usage_type), (ev, up, dn, s, zar, wk, zp) in groups.items():
             p = f"{category}:{usage_type}:"
