@@ -844,6 +844,35 @@ def run(
     return total
 
 
+def _supervise(settings: HvsSettings, processes: int, drain: bool) -> int:
+    """Start `processes` consumers of the group, pass SIGTERM/SIGINT on, wait for all."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    base = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
+    children = []
+    for i in range(processes):
+        env = dict(os.environ, HVS_CONSUMER_NAME=f"{base}-{i}")
+        env["HVS_METRICS_PORT"] = str(settings.metrics_port + i if settings.metrics_port else 0)
+        if settings.batch_size:
+            env["HVS_BATCH_SIZE"] = str(settings.batch_size)
+        cmd = [sys.executable, "-m", "api.hvs", *(["--drain"] if drain else [])]
+        children.append(subprocess.Popen(cmd, env=env))
+
+    def _forward(signum: int, _frame: object) -> None:
+        log.info("stopping the consumers", extra={"signal": signum})
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    log.info("hvs consumers started", extra={"processes": processes, "names": f"{base}-N"})
+    return max(child.wait() for child in children)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ops.logs import setup_logging
 
@@ -857,6 +886,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics-port", type=int, help="Prometheus port, 0 = none (HVS_METRICS_PORT)"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run N consumer processes in the group (names <name>-<i>, metrics on port + i)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     overrides: dict[str, Any] = {}
@@ -865,6 +900,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port is not None:
         overrides["metrics_port"] = args.metrics_port
     settings = HvsSettings(**overrides)
+    if args.processes > 1:
+        return _supervise(settings, args.processes, args.drain)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
     stop = threading.Event()

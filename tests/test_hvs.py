@@ -480,3 +480,41 @@ def test_two_consumers_in_one_group_share_the_work_exactly(stack, hvs_env, redis
         t.join(60)
     assert sum(totals.values()) == 2400  # each event applied by exactly one of them
     assert stored_usage(redis_client) == expected_usage(events, forex_oracle(cfg))
+
+
+def test_processes_option_runs_a_group_and_stops_on_sigterm(stack, redis_client):
+    env = dict(
+        os.environ,
+        REDIS_URL=stack.redis_url,
+        STREAM_URL=stack.stream_url,
+        HVS_METRICS_PORT="0",
+        HVS_POLL_TIMEOUT="0.2",
+        HVS_BATCH_SIZE="100",
+        WTC_LOG_FORMAT="json",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.hvs", "--processes", "2"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        events = make_events(n_files=2, rows=300, seed=8, start=datetime(2024, 1, 1))
+        for topic, evs in events.items():
+            publish(stack.stream_url, topic, evs)
+        want = expected_usage(events, None)
+        deadline = time.monotonic() + 30
+        while stored_usage(redis_client) != want:
+            assert time.monotonic() < deadline, "events not applied in time"
+            assert proc.poll() is None
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        err = proc.stderr.read().decode()
+        applied = [orjson.loads(x)["events_applied"] for x in err.splitlines() if "stopped" in x]
+        assert len(applied) == 2 and sum(applied) == 1200
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
