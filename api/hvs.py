@@ -645,6 +645,7 @@ class Hvs:
                             p = f"{category}:{usage_type}:"
                             pipe.hincrby(key, p + K.WAK, wak_units_oracle(zar, rate))
                             pipe.hincrby(key, p + K.ZAR_PENDING, -zar)
+                            pipe.expire(key, self._ttl)
                         pipe.delete(pkey)
                         pipe.srem(K.PENDING_INDEX, hour)
                         pipe.execute()
