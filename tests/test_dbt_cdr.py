@@ -14,6 +14,7 @@ One module-scoped scenario (dbt runs are slow, so each build is asserted on many
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -238,8 +239,12 @@ def scenario(stack, dbt_project: DbtProject) -> Iterator[dict[str, object]]:
 def test_full_build_runs_every_data_and_unit_test(scenario):
     output = scenario["full_build"].stdout
     assert "Completed successfully" in output
-    assert "unit_test" in output, "the unit tests did not run"
-    assert "ERROR=0" in output and "FAIL" not in output.split("Done.")[-1].replace("FAIL=0", "")
+    unit_tests = re.search(r"(\d+) unit tests?", output)
+    assert unit_tests and int(unit_tests.group(1)) >= 10, "the unit tests did not run"
+    data_tests = re.search(r"(\d+) data tests?", output)
+    assert data_tests and int(data_tests.group(1)) >= 100
+    done = re.search(r"Done\. PASS=(\d+) WARN=(\d+) ERROR=(\d+) SKIP=(\d+)", output)
+    assert done and done.group(3) == "0" and done.group(4) == "0", done
 
 
 def test_incremental_build_passes(scenario):
