@@ -268,7 +268,7 @@ def test_fuzz_openapi_no_server_errors(stack, redis_client):
     """Schemathesis cases for every operation of the spec (with and without valid credentials
     and with arbitrary query strings) never get a 5xx. The hypothesis loop is driven here
     directly (schemathesis' pytest plugin does not load with this pytest)."""
-    from schemathesis.checks import not_a_server_error
+    from schemathesis.checks import not_a_server_error, response_schema_conformance
 
     apply(stack, [data(MSISDN, "2024-01-01 00:00:00", 1, 2, "video", 2)])
     app = create_app(ApiSettings(redis_url=stack.redis_url))
@@ -290,7 +290,9 @@ def test_fuzz_openapi_no_server_errors(stack, redis_client):
             nonlocal calls
             calls += 1
             headers = {"Authorization": f"Basic {token}"} if calls % 4 else {}
-            case.call_and_validate(headers=headers, checks=[not_a_server_error])
+            case.call_and_validate(
+                headers=headers, checks=[not_a_server_error, response_schema_conformance]
+            )
 
         check()
     assert calls >= len(operations)
