@@ -630,3 +630,22 @@ def test_a_stream_outage_does_not_lose_the_publish(stack, cdr_dir, redis_client)
     assert query(stack, "select count(*) from cdr_data.files where published_at is null") == [(0,)]
     events = _consume(stack.stream_url, {n for n, _ in files}, 40)
     assert len({e["event_id"] for e in events}) == len(events) == 40
+
+
+def test_published_json_carries_free_text_and_nulls_intact(stack, cdr_dir, redis_client) -> None:
+    directory, path = cdr_dir
+    name = "cdr_data_20320701_000000.csv"
+    url = 'https://x.org/?q="a\\b",\u00e9'
+    row = [
+        "0712345678901", "7", "150000", "250000", "text", "", url, "2032-07-01 00:00:01",
+    ]  # fmt: skip
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerows([DATA.column_names, row])
+    (path / name).write_bytes(buffer.getvalue().encode())
+    with CdrLoader(settings_for(stack, directory, publish=True)) as loader:
+        assert loader.run_once()
+    (event,) = _consume(stack.stream_url, {name}, 1)
+    assert event["website_url"] == url
+    assert event["ip_address"] is None
+    assert event["event_datetime"] == "2032-07-01 00:00:01.000000"

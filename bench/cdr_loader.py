@@ -1,0 +1,236 @@
+"""Benchmark: the CDR loader's rows/s from SFTP into Postgres against two baselines, one run.
+
+- ceiling: `psql \\copy` of the same files from local disk into plain, index-free tables, one
+  `\\copy` (one transaction) per file;
+- the loader: `CdrLoader.poll_once()` over OpenSSH SFTP into the raw tables (with their keys
+  and indexes), each file checked and landed in its own transaction, publishing off;
+- reference: COPY of the same rows into the raw tables themselves (primary key and two indexes
+  each) from local disk, without checks: the cost of the raw layout alone;
+- baseline: a row-by-row loader (read over SFTP, csv module, one INSERT per row, one
+  transaction per file), on a subset of the files because it is slow.
+
+Each measurement runs `--repeat` times, interleaved, and the best run counts (the machine is
+shared). Also reported: publishing the landed rows to Redis Streams. Starts its own stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+
+from ingestion.cdr_format import KINDS, kind_of, split_lines
+from ingestion.cdr_landing import copy_body
+from ingestion.cdr_loader import CdrLoader, LoaderSettings
+from ingestion.cdr_sftp import CdrSftp
+from ingestion.generators.cdr import CdrConfig, cdr_files
+from ops.logs import setup_logging
+from ops.settings import StackSettings
+from ops.stack import free_port, running
+
+log = logging.getLogger("bench.cdr_loader")
+
+RAW_TABLES = "cdr_data.files, cdr_data.data_records, cdr_data.voice_records, cdr_data.rejected_rows"
+
+
+def psql_copy(dsn: str, local: Path, names: list[str]) -> float:
+    """Seconds for one psql session running `\\copy` of every file into plain tables."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("create schema if not exists bench")
+        for kind in KINDS.values():
+            table = f"bench.plain_{kind.name}"
+            conn.execute(f"drop table if exists {table}")
+            conn.execute(f"create table {table} (like {kind.table})")
+            for col in ("source_file", "line_no", "loaded_at"):
+                conn.execute(f"alter table {table} drop column {col}")
+        conn.execute("checkpoint")
+    script = local / "copy.sql"
+    script.write_text(
+        "".join(
+            f"\\copy bench.plain_{kind_of(n).name} from '{local / n}' (format csv, header true)\n"
+            for n in names
+        )
+    )
+    started = time.perf_counter()
+    subprocess.run(["psql", dsn, "-q", "-v", "ON_ERROR_STOP=1", "-f", str(script)], check=True)
+    return time.perf_counter() - started
+
+
+def raw_copy(dsn: str, local: Path, names: list[str]) -> float:
+    """Seconds for COPY of the same rows into the raw tables (their keys and indexes) from local
+    disk, one transaction per file, no checks: what the raw contract's layout costs by itself."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"truncate {RAW_TABLES}")
+        conn.execute("checkpoint")
+        started = time.perf_counter()
+        for name in names:
+            kind = kind_of(name)
+            body = copy_body(name, split_lines((local / name).read_bytes()))
+            cols = ", ".join(kind.column_names)
+            with (
+                conn.transaction(),
+                conn.cursor().copy(
+                    f"copy {kind.table} (source_file, line_no, {cols}) from stdin (format csv)"
+                ) as copy,
+            ):
+                copy.write(body)
+        return time.perf_counter() - started
+
+
+def loader_run(settings: LoaderSettings, dsn: str) -> tuple[float, int]:
+    """Seconds and rows of one loader poll that lands every file (after a listing poll)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"truncate {RAW_TABLES}")
+        conn.execute("checkpoint")
+    with CdrLoader(settings, progress=False) as loader:
+        loader.poll_once()  # first sight of every file; the timed poll takes them
+        started = time.perf_counter()
+        result = loader.poll_once()
+        elapsed = time.perf_counter() - started
+    return elapsed, result.rows_landed
+
+
+def publish_run(settings: LoaderSettings, dsn: str) -> tuple[float, int]:
+    """Seconds and rows of publishing every landed file again (as after a crash)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("update cdr_data.files set published_at = null where rows_landed > 0")
+        rows = conn.execute("select sum(rows_landed) from cdr_data.files").fetchone()[0]
+    with CdrLoader(settings.model_copy(update={"publish": True}), progress=False) as loader:
+        started = time.perf_counter()
+        loader.poll_once()
+        elapsed = time.perf_counter() - started
+    return elapsed, int(rows)
+
+
+def row_by_row(settings: LoaderSettings, dsn: str, names: list[str]) -> tuple[float, int]:
+    """The baseline: read over SFTP, parse with csv, INSERT row by row, commit per file."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"truncate {RAW_TABLES}")
+        conn.execute("checkpoint")
+    rows = 0
+    with CdrSftp(settings.sftp_url, settings.cdr_dir) as sftp, psycopg.connect(dsn) as conn:
+        started = time.perf_counter()
+        for name in names:
+            kind = kind_of(name)
+            cols = ", ".join(kind.column_names)
+            marks = ", ".join(["%s"] * (len(kind.columns) + 2))
+            sql = f"insert into {kind.table} (source_file, line_no, {cols}) values ({marks})"
+            reader = csv.reader(io.StringIO(sftp.read(name).decode()))
+            next(reader)
+            with conn.cursor() as cur:
+                for line_no, row in enumerate(reader, start=2):
+                    cur.execute(sql, (name, line_no, *[v or None for v in row]))
+                    rows += 1
+            conn.commit()
+        elapsed = time.perf_counter() - started
+    return elapsed, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cdr_loader", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--pairs", type=int, default=200, help="file pairs (default 200)")
+    parser.add_argument("--rows", type=int, default=1000, help="rows per file (default 1000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement, best counts")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers (default 2)")
+    parser.add_argument(
+        "--baseline-pairs", type=int, default=10, help="pairs for the row-by-row baseline"
+    )
+    args = parser.parse_args(argv)
+    setup_logging(level="WARNING")
+
+    state_dir = Path(tempfile.mkdtemp(prefix="wtc-bench-"))
+    state_dir.chmod(0o755)
+    stack_settings = StackSettings(
+        state_dir=state_dir,
+        pg_port=free_port(),
+        redis_port=free_port(),
+        sftp_port=free_port(),
+        api_port=free_port(),
+        docs_port=free_port(),
+    )
+    config = CdrConfig(
+        duration=timedelta(seconds=200 * args.pairs), rows_per_file=args.rows, seed=11
+    )
+    try:
+        with running(stack_settings) as stack:
+            local = state_dir / "local"
+            local.mkdir()
+            sftp_dir = stack.s.cdr_dir / "bench"
+            sftp_dir.mkdir()
+            names = []
+            for name, content in cdr_files(config):
+                (local / name).write_bytes(content)
+                (sftp_dir / name).write_bytes(content)
+                names.append(name)
+            total_rows = len(names) * args.rows
+            dsn = stack.s.analytics_dsn
+            settings = LoaderSettings(
+                analytics_dsn=dsn,
+                sftp_url=stack.s.sftp_url,
+                stream_url=stack.s.stream_url,
+                cdr_dir="bench",
+                settle_seconds=0,
+                publish=False,
+                workers=args.workers,
+            )
+            single = settings.model_copy(update={"workers": 1})
+            ceiling, raw, loader, loader_1 = [], [], [], []
+            for round_no in range(args.repeat):
+                log.warning("round %d of %d", round_no + 1, args.repeat)
+                ceiling.append(psql_copy(dsn, local, names))
+                raw.append(raw_copy(dsn, local, names))
+                seconds, rows = loader_run(settings, dsn)
+                assert rows == total_rows, (rows, total_rows)
+                loader.append(seconds)
+                seconds, rows = loader_run(single, dsn)
+                assert rows == total_rows, (rows, total_rows)
+                loader_1.append(seconds)
+            publish_s, published = publish_run(settings, dsn)
+            subset = names[: 2 * args.baseline_pairs]
+            baseline_s, baseline_rows = row_by_row(settings, dsn, subset)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+    ceiling_rate = total_rows / min(ceiling)
+    print(
+        f"CDR loader: {len(names)} files, {total_rows} rows "
+        f"(starter format), best of {args.repeat} runs"
+    )
+    lines = [
+        ("psql \\copy, local disk, plain tables (ceiling)", total_rows, min(ceiling)),
+        ("COPY into the raw tables (keys, indexes), no checks", total_rows, min(raw)),
+        (f"cdr_loader over SFTP, {args.workers} workers", total_rows, min(loader)),
+        ("cdr_loader over SFTP, 1 worker", total_rows, min(loader_1)),
+        (f"row-by-row INSERT over SFTP ({len(subset)} files)", baseline_rows, baseline_s),
+    ]
+    for label, rows, seconds in lines:
+        rate = rows / seconds
+        print(
+            f"  {label:48} {seconds:7.2f} s {rate:10,.0f} rows/s"
+            f"  {rate / ceiling_rate:6.1%} of ceiling"
+        )
+    loader_rate = total_rows / min(loader)
+    print(
+        f"  loader / ceiling {loader_rate / ceiling_rate:.2f} (goal >= 0.70);"
+        f" loader / row-by-row {loader_rate / (baseline_rows / baseline_s):.1f}x"
+    )
+    print(
+        f"  publishing the landed rows to Redis Streams: {published / publish_s:,.0f} rows/s"
+        f" ({published} rows, {publish_s:.2f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
