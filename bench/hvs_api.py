@@ -256,6 +256,69 @@ def bench_consumer(
     }
 
 
+def _buckets(name: str) -> dict[str, float]:
+    from prometheus_client import REGISTRY
+
+    out = {}
+    for metric in REGISTRY.collect():
+        if metric.name == name:
+            for sample in metric.samples:
+                if sample.name == name + "_bucket":
+                    out[sample.labels["le"]] = sample.value
+    return out
+
+
+def bench_latency(stream_url: str, redis_url: str, files: int = 25, every: float = 0.2) -> dict:
+    """Near real time: a follow-mode consumer while files of 1000 events are published every
+    `every` seconds; landing (publish) to applied, from the consumer's histogram."""
+    from api.hvs import run
+    from api.settings import HvsSettings
+    from ingestion.stream import open_producer
+
+    settings = HvsSettings(
+        redis_url=redis_url, stream_url=stream_url, metrics_port=0, group="bench-latency",
+        poll_timeout=0.05,
+    )  # fmt: skip
+    redis.Redis.from_url(stream_url).delete("stream:cdr-data", "stream:cdr-voice")
+    name = "hvs_landing_to_applied_seconds"
+    before = _buckets(name)
+    stop = threading.Event()
+    worker = threading.Thread(target=run, args=(settings, stop))
+    worker.start()
+    gen = events(files * 1000, 50_000, seed=9)
+    with open_producer(stream_url) as p:
+        for f in range(files):
+            batch = [next(gen) for _ in range(1000)]
+            for topic in ("cdr-data", "cdr-voice"):
+                p.publish_many(
+                    topic,
+                    [
+                        (
+                            e["msisdn"].encode(),
+                            orjson.dumps({**e, "event_id": f"lat{f}.csv:{i}"}),
+                            None,
+                        )
+                        for i, (t, e) in enumerate(batch)
+                        if t == topic
+                    ],
+                )
+            time.sleep(every)
+    time.sleep(1.0)
+    stop.set()
+    worker.join(30)
+    after = _buckets(name)
+    counts = {le: after[le] - before.get(le, 0) for le in after}
+    total = counts.get("+Inf", 0)
+
+    def bound(q: float) -> str:
+        for le, c in sorted(counts.items(), key=lambda kv: float(kv[0])):
+            if c >= q * total:
+                return le
+        return "+Inf"
+
+    return {"observations": total, "p50_le_s": bound(0.5), "p99_le_s": bound(0.99)}
+
+
 # ----------------------------------------------------------------------------------- 2. API
 
 
@@ -395,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"consumer: {c['events']} events in {c['seconds']:.2f} s = "
               f"{c['events_per_s']:,.0f} events/s (goal > 50 000); Redis script "
               f"{c['redis_script_us_per_event']:.1f} us/event")  # fmt: skip
+        lat = bench_latency(stream_url, hvs_url)
+        print(f"near real time: {lat['observations']:.0f} file-batches, publish to applied "
+              f"p50 <= {lat['p50_le_s']} s, p99 <= {lat['p99_le_s']} s (goal < 60 s)")  # fmt: skip
         if c["processes"]:
             pp = c["processes"]
             print(f"consumer, {pp['processes']} processes in one group: {pp['events']} events, "
