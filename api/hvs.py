@@ -17,8 +17,10 @@ at most what then turns out to be already applied.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import queue
 import signal
 import threading
 import time
@@ -775,8 +777,9 @@ def run(
 ) -> int:
     """Poll, apply, commit until `stop` is set (or, with `drain`, until the stream is empty).
 
-    Two stages overlap: while one batch is applied to Redis and committed (a worker thread),
-    the next is polled, decoded and built. A batch is committed to the stream only after Redis
+    Three stages overlap: a reader thread polls ahead (at most two batches), the calling thread
+    decodes and builds a batch, and a worker thread applies the previous one to Redis and
+    commits it. A batch is committed to the stream only after Redis
     applied it; a failing step is retried with backoff until it succeeds or `stop` is set
     (then it stays uncommitted and comes back after a restart). On stop, the batch in flight is
     finished first. Returns the number of CDR events applied.
@@ -790,7 +793,6 @@ def run(
     )
     total = 0
     window_start, window_events = time.monotonic(), 0
-    next_lag = 0.0
     inflight: Future | None = None
 
     def apply_commit(prep: Prepared, batch: list[Message]) -> BatchResult:
@@ -813,23 +815,44 @@ def run(
             RATE.set(window_events / elapsed)
             window_start, window_events = time.monotonic(), 0
 
+    batches: queue.Queue[list[Message] | None] = queue.Queue(maxsize=2)
+
+    def poller() -> None:
+        """Stage 1: read batches ahead (bounded: two), so the stream's round trip overlaps."""
+        next_lag = 0.0
+        try:
+            while not stop.is_set():
+                batch = _retry(
+                    stop, "poll", lambda: consumer.poll(settings.batch_size, settings.poll_timeout)
+                )
+                now = time.monotonic()
+                if now >= next_lag or not batch:
+                    lag = consumer.lag()
+                    if lag is not None:
+                        LAG.set(lag)
+                    next_lag = now + 2.0
+                batches.put(batch)
+                if drain and not batch:
+                    break
+        except _Stopped:
+            pass
+        except BaseException:
+            log.exception("polling the stream failed")
+            raise
+        finally:
+            batches.put(None)
+
     pool = ThreadPoolExecutor(1, thread_name_prefix="hvs-apply")
+    reader = threading.Thread(target=poller, name="hvs-poll", daemon=True)
+    reader.start()
     try:
-        while not stop.is_set():
-            batch = _retry(
-                stop, "poll", lambda: consumer.poll(settings.batch_size, settings.poll_timeout)
-            )
-            now = time.monotonic()
-            if now >= next_lag or not batch:
-                lag = consumer.lag()
-                if lag is not None:
-                    LAG.set(lag)
-                next_lag = now + 2.0
+        while True:
+            batch = batches.get()
+            if batch is None:
+                break
             if not batch:
                 finish()
                 RATE.set(0)
-                if drain:
-                    break
                 continue
             if hvs.pending_hours and any(m.topic == settings.tick_topic for m in batch):
                 finish()  # pricing pending WAK must see the batch in flight
@@ -840,6 +863,11 @@ def run(
     except _Stopped:
         log.warning("stopped while retrying; the uncommitted batch will be re-delivered")
     finally:
+        if reader.is_alive():  # left early: let the reader finish its poll, drop what it read
+            stop.set()
+            while reader.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    batches.get(timeout=0.1)
         pool.shutdown(wait=True)
         consumer.close()
     return total
