@@ -7,10 +7,11 @@ Two paths, one set of rules (`ingestion.cdr_format`):
   value rules then run set-based on the file's rows, and the few that break one are moved to
   `cdr_data.rejected_rows`. This is the path of every well-formed file.
 - the line path: when that COPY fails (wrong column count, a bad number or timestamp, a missing
-  value, bad bytes) or the file holds quote characters, the COPY is rolled back to a savepoint,
-  the lines are split into fields (Python's csv reader, one line at a time, so a line number is
-  always the physical line) and copied as text into a temporary staging table; one
-  `insert ... select` lands the good rows with casts and one files the bad ones with a reason.
+  value, bad bytes), the file's transaction is rolled back and the file landed again this way;
+  a file with quote characters takes it at once. The lines are split into fields (Python's csv
+  reader, one line at a time, so a line number is always the physical line) and copied as text
+  into a temporary staging table; one statement lands the good rows with casts and files the
+  bad ones with a reason.
 
 Line numbers are physical: the header is line 1, the first row line 2.
 """
@@ -98,25 +99,45 @@ def sha256_hex(data: bytes) -> str:
 def land_file(conn: psycopg.Connection, file_name: str, data: bytes) -> Landing:
     """Land a complete CDR file in one transaction (skip, replace or land; see module doc).
 
-    `conn` must be in autocommit mode and prepared with `prepare_session`.
+    `conn` must be prepared with `prepare_session`; any transaction it is in becomes the file's.
     """
     kind = kind_of(file_name)
     if kind is None:
         raise ValueError(f"not a CDR file name: {file_name!r}")
-    digest = sha256_hex(data)
-    base = {"file_name": file_name, "kind": kind.name, "size_bytes": len(data), "sha256": digest}
+    base = {
+        "file_name": file_name,
+        "kind": kind.name,
+        "size_bytes": len(data),
+        "sha256": sha256_hex(data),
+    }
+    lines = split_lines(data)
+    if copy_ready(data):
+        try:
+            return _land(conn, kind, base, lines, copy=True)
+        except _NeedsLinePath:
+            pass  # rolled back: land it again, line by line
+    return _land(conn, kind, base, lines, copy=False)
+
+
+class _NeedsLinePath(Exception):
+    """The COPY path failed on the file's data; its transaction was rolled back."""
+
+
+def _land(
+    conn: psycopg.Connection, kind: Kind, base: dict, lines: list[bytes], copy: bool
+) -> Landing:
+    file_name = base["file_name"]
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS, file_name))
         row = conn.execute(
             "select sha256 from cdr_data.files where file_name = %s", (file_name,)
         ).fetchone()
-        if row is not None and row[0] == digest:
+        if row is not None and row[0] == base["sha256"]:
             return Landing(**base, outcome="skipped")
         if row is not None:
             _delete_file(conn, kind, file_name)
         outcome = "replaced" if row is not None else "landed"
 
-        lines = split_lines(data)
         problem = header_problem(kind, lines[0]) if lines else f"not a CDR {kind.name} file: empty"
         if problem is not None:
             first = lines[0][:1000].decode("utf-8", "backslashreplace") if lines else ""
@@ -128,15 +149,11 @@ def land_file(conn: psycopg.Connection, file_name: str, data: bytes) -> Landing:
             _insert_files_row(conn, base, 0, 1, None, None)
             return Landing(**base, outcome="rejected", rows_rejected=1, path="file")
 
-        counts = None
-        path = "copy"
-        if copy_ready(data):
-            counts = _copy_path(conn, kind, file_name, lines)
-        if counts is None:
-            path = "lines"
-            counts = _line_path(conn, kind, file_name, lines)
-        landed, rejected, first_at, last_at = counts
-        _insert_files_row(conn, base, landed, rejected, first_at, last_at)
+        if copy:
+            landed, rejected, first_at, last_at = _copy_path(conn, kind, base, lines)
+        else:
+            landed, rejected, first_at, last_at = _line_path(conn, kind, file_name, lines)
+            _insert_files_row(conn, base, landed, rejected, first_at, last_at)
     return Landing(
         **base,
         outcome=outcome,
@@ -144,7 +161,7 @@ def land_file(conn: psycopg.Connection, file_name: str, data: bytes) -> Landing:
         rows_rejected=rejected,
         first_event_at=first_at,
         last_event_at=last_at,
-        path=path,
+        path="copy" if copy else "lines",
     )
 
 
@@ -185,47 +202,68 @@ def copy_body(file_name: str, lines: list[bytes]) -> bytes:
     return prefix + numbered.replace(b"\n", b"\n" + prefix) + b"\n"
 
 
-def _copy_path(
-    conn: psycopg.Connection, kind: Kind, file_name: str, lines: list[bytes]
-) -> Counts | None:
+def _copy_path(conn: psycopg.Connection, kind: Kind, base: dict, lines: list[bytes]) -> Counts:
+    """COPY the file into its table, then write its `files` row and check its rows in one
+    statement; move the rows that break a rule (rare) to `rejected_rows`."""
+    file_name = base["file_name"]
     cols = ", ".join(kind.column_names)
-    ev = kind.event_time
     try:
-        with conn.transaction():
-            with conn.cursor().copy(
-                f"copy {kind.table} (source_file, line_no, {cols}) from stdin (format csv)"
-            ) as copy:
-                copy.write(copy_body(file_name, lines))
-            total, first_at, last_at, bad = conn.execute(
-                f"select count(*), min({ev}), max({ev}),"
-                f" count(*) filter (where {invalid_sql(kind)})"
-                f" from {kind.table} where source_file = %s",
-                (file_name,),
-            ).fetchone()
-            if bad:
-                moved = conn.execute(
-                    f"delete from {kind.table} where source_file = %s and {invalid_sql(kind)}"
-                    f" returning line_no, {reason_sql(kind)}",
-                    (file_name,),
-                ).fetchall()
-                with conn.cursor().copy(
-                    "copy cdr_data.rejected_rows (source_file, line_no, raw_line, reason)"
-                    " from stdin"
-                ) as copy:
-                    for line_no, reason in moved:
-                        copy.write_row((file_name, line_no, lines[line_no - 1].decode(), reason))
-                first_at, last_at = conn.execute(
-                    f"select min({ev}), max({ev}) from {kind.table} where source_file = %s",
-                    (file_name,),
-                ).fetchone()
-                return total - len(moved), len(moved), first_at, last_at
-            return total, 0, first_at, last_at
+        with conn.cursor().copy(
+            f"copy {kind.table} (source_file, line_no, {cols}) from stdin (format csv)"
+        ) as copy:
+            copy.write(copy_body(file_name, lines))
     except (errors.DataError, errors.IntegrityError) as exc:
         log.info(
             "file needs the line path",
             extra={"file": file_name, "cause": str(exc).splitlines()[0]},
         )
-        return None
+        raise _NeedsLinePath from exc
+    landed, first_at, last_at, bad = conn.execute(
+        _FILES_ROW_SQL[kind.name], {**base, "file": file_name}
+    ).fetchone()
+    if not bad:
+        return landed, 0, first_at, last_at
+    moved = conn.execute(
+        f"delete from {kind.table} where source_file = %s and {invalid_sql(kind)}"
+        f" returning line_no, {reason_sql(kind)}",
+        (file_name,),
+    ).fetchall()
+    with conn.cursor().copy(
+        "copy cdr_data.rejected_rows (source_file, line_no, raw_line, reason) from stdin"
+    ) as copy:
+        for line_no, reason in moved:
+            copy.write_row((file_name, line_no, lines[line_no - 1].decode(), reason))
+    ev = kind.event_time
+    return conn.execute(
+        "update cdr_data.files set rows_landed = s.n, rows_rejected = %(moved)s,"
+        " first_event_at = s.a, last_event_at = s.b,"
+        " published_at = case when s.n = 0 then now() end"
+        f" from (select count(*) as n, min({ev}) as a, max({ev}) as b from {kind.table}"
+        "  where source_file = %(file)s) as s"
+        " where file_name = %(file)s"
+        " returning rows_landed, rows_rejected, first_event_at, last_event_at",
+        {"file": file_name, "moved": len(moved)},
+    ).fetchone()
+
+
+def _files_row_sql(kind: Kind) -> str:
+    ev = kind.event_time
+    return f"""
+with s as (
+    select count(*) as n, min({ev}) as a, max({ev}) as b,
+           count(*) filter (where {invalid_sql(kind)}) as bad
+    from {kind.table} where source_file = %(file)s
+)
+insert into cdr_data.files (file_name, kind, size_bytes, sha256, rows_landed, rows_rejected,
+                            first_event_at, last_event_at, published_at)
+select %(file)s, %(kind)s, %(size_bytes)s, %(sha256)s, n, 0, a, b,
+       case when n = 0 then now() end
+from s
+returning rows_landed, first_event_at, last_event_at, (select bad from s)
+"""
+
+
+_FILES_ROW_SQL = {name: _files_row_sql(kind) for name, kind in KINDS.items()}
 
 
 def _line_sql(kind: Kind) -> str:
