@@ -518,3 +518,45 @@ def test_processes_option_runs_a_group_and_stops_on_sigterm(stack, redis_client)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_kafka_backend_exact_and_republish(stack, redis_client, kafka_url):
+    """The same consumer on the Kafka protocol (librdkafka's mock cluster)."""
+    suffix = os.urandom(4).hex()
+    settings = HvsSettings(
+        redis_url=stack.redis_url,
+        stream_url=kafka_url,
+        metrics_port=0,
+        poll_timeout=0.2,
+        group=f"hvs-{suffix}",
+        data_topic=f"cdr-data-{suffix}",
+        voice_topic=f"cdr-voice-{suffix}",
+        tick_topic=f"tick-data-{suffix}",
+    )
+    events = make_events(n_files=1, rows=200, seed=13, start=datetime(2024, 1, 1))
+    topics = {"cdr-data": settings.data_topic, "cdr-voice": settings.voice_topic}
+
+    def publish_all(subset: slice) -> None:
+        with open_producer(kafka_url) as p:
+            for topic, evs in events.items():
+                p.publish_many(
+                    topics[topic],
+                    ((e["msisdn"].encode(), orjson.dumps(e), None) for e in evs[subset]),
+                )
+
+    publish_all(slice(None))
+    publish_all(slice(0, 50))  # a republished part, before the consumer even starts
+    want = expected_usage(events, None)
+    stop = threading.Event()
+    worker = threading.Thread(target=run, args=(settings, stop))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while stored_usage(redis_client) != want:
+            assert time.monotonic() < deadline, "events not applied in time"
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join(30)
+    assert not worker.is_alive()
+    assert stored_usage(redis_client) == want
