@@ -750,6 +750,10 @@ class Hvs:
 # ---------------------------------------------------------------------------------- follow loop
 
 
+DRAIN_GRACE = 10.0
+"""--drain: with the lag unknown (Kafka before its assignment), stop after this long idle."""
+
+
 class _Stopped(Exception):
     """Stop was requested while a failing step was being retried."""
 
@@ -820,20 +824,24 @@ def run(
     def poller() -> None:
         """Stage 1: read batches ahead (bounded: two), so the stream's round trip overlaps."""
         next_lag = 0.0
+        last_message = time.monotonic()
         try:
             while not stop.is_set():
                 batch = _retry(
                     stop, "poll", lambda: consumer.poll(settings.batch_size, settings.poll_timeout)
                 )
                 now = time.monotonic()
+                lag = None
                 if now >= next_lag or not batch:
                     lag = consumer.lag()
                     if lag is not None:
                         LAG.set(lag)
                     next_lag = now + 2.0
                 batches.put(batch)
-                if drain and not batch:
-                    break
+                if batch:
+                    last_message = now
+                elif drain and (lag == 0 or (lag is None and now - last_message > DRAIN_GRACE)):
+                    break  # the group has nothing left (Kafka: no assignment/lag known yet)
         except _Stopped:
             pass
         except BaseException:
