@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
-import signal
 import sys
 import threading
 import time
@@ -32,33 +30,30 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from psycopg import sql
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingestion import pgoutput as po
+from ingestion.service import (
+    cli_overrides,
+    crash_point,
+    metrics_port,
+    serve_metrics,
+    stop_on_signals,
+    wait_to_retry,
+)
 from ops.logs import setup_logging
 from ops.settings import Connections
 
 log = logging.getLogger("ingestion.crm_cdc")
-
-CRASH_EXIT_CODE = 75
-"""Exit code of a deliberate crash at `WTC_CRASH_POINT` (tests kill the process there)."""
 
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 class CdcError(RuntimeError):
     """The CDC reader cannot go on safely (setup, lost slot, unexpected change)."""
-
-
-def crash_point(name: str) -> None:
-    """Exit at once, without cleanup, when `WTC_CRASH_POINT` names this point (for tests)."""
-    if os.environ.get("WTC_CRASH_POINT") == name:
-        log.warning("crashing on purpose", extra={"crash_point": name})
-        logging.shutdown()
-        os._exit(CRASH_EXIT_CODE)
 
 
 def _connections() -> Connections:
@@ -127,11 +122,6 @@ class Metrics:
         self.batch_seconds = Histogram(
             "wtc_crm_cdc_batch_seconds", "Time to read, land and confirm one batch", registry=r
         )
-
-    def serve(self, host: str, port: int) -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
-            log.info("metrics served", extra={"host": host, "port": port})
 
 
 @dataclass
@@ -652,14 +642,10 @@ class CrmCdc:
                 # Following: a lost connection is retried from the slot's confirmed position.
                 if once:
                     raise
-                log.warning(
-                    "database unavailable, retrying",
-                    extra={"error": str(exc).strip(), "in_seconds": self.s.retry_seconds},
-                )
                 self.close()
                 started = False
                 self.relations.clear()
-                stop.wait(self.s.retry_seconds)
+                wait_to_retry(stop, self.s.retry_seconds, "database unavailable, retrying", exc)
                 continue
             if caught_up:
                 if once:
@@ -710,17 +696,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging()
-    overrides = {
-        k: v
-        for k, v in {
-            "slot": args.slot,
-            "publication": args.publication,
-            "batch_changes": args.batch_changes,
-            "metrics_port": args.metrics_port,
-        }.items()
-        if v is not None
-    }
-    settings = CdcSettings(**overrides)
+    settings = CdcSettings(
+        **cli_overrides(
+            slot=args.slot,
+            publication=args.publication,
+            batch_changes=args.batch_changes,
+            metrics_port=args.metrics_port,
+        )
+    )
     with CrmCdc(settings) as cdc:
         if args.drop:
             cdc.drop()
@@ -740,17 +723,12 @@ def main(argv: list[str] | None = None) -> int:
                 + ("; snapshot landed" if landed else "; no snapshot landed yet")
             )
             return 0
-        stop = threading.Event()
-
-        def on_signal(signum: int, _frame: object) -> None:
-            log.info("stopping after the current batch", extra={"signal": signum})
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        # A --once run is short: metrics only when a port was asked for.
-        port = settings.metrics_port if not args.once or args.metrics_port else 0
-        cdc.metrics.serve(settings.metrics_host, port)
+        stop = stop_on_signals()
+        serve_metrics(
+            cdc.metrics.registry,
+            settings.metrics_host,
+            metrics_port(settings.metrics_port, args.once, args.metrics_port),
+        )
         try:
             stats = cdc.run(once=args.once, stop=stop)
         except CdcError as exc:

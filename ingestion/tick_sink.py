@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import signal
 import socket
 import sys
 import threading
@@ -26,30 +24,27 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import psycopg
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ingestion.service import (
+    cli_overrides,
+    crash_point,
+    metrics_port,
+    serve_metrics,
+    stop_on_signals,
+    wait_to_retry,
+)
 from ingestion.stream import Message, StreamError, open_consumer
 from ops.logs import setup_logging
 from ops.settings import Connections
 
 log = logging.getLogger("ingestion.tick_sink")
 
-CRASH_EXIT_CODE = 75
-"""Exit code of a deliberate crash at `WTC_CRASH_POINT` (tests kill the process there)."""
-
 FIELDS = ("timestamp", "pair_name", "bid_price", "ask_price", "spread")
 PRICE_FIELDS = ("bid_price", "ask_price", "spread")
 _TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?$")
-
-
-def crash_point(name: str) -> None:
-    """Exit at once, without cleanup, when `WTC_CRASH_POINT` names this point (for tests)."""
-    if os.environ.get("WTC_CRASH_POINT") == name:
-        log.warning("crashing on purpose", extra={"crash_point": name})
-        logging.shutdown()
-        os._exit(CRASH_EXIT_CODE)
 
 
 class TickSinkSettings(BaseSettings):
@@ -168,11 +163,6 @@ class Metrics:
         self.errors = Counter(
             "wtc_tick_sink_errors", "Batches that failed and were retried", registry=r
         )
-
-    def serve(self, host: str, port: int) -> None:
-        if port:
-            start_http_server(port, addr=host, registry=self.registry)
-            log.info("metrics served", extra={"host": host, "port": port})
 
 
 @dataclass
@@ -378,11 +368,7 @@ class TickSink:
 
     def _stream_trouble(self, exc: Exception, stop: threading.Event) -> None:
         self.metrics.errors.inc()
-        log.warning(
-            "stream unavailable, retrying",
-            extra={"error": str(exc).strip(), "in_seconds": self.s.retry_seconds},
-        )
-        stop.wait(self.s.retry_seconds)
+        wait_to_retry(stop, self.s.retry_seconds, "stream unavailable, retrying", exc)
 
     def _land_with_retry(
         self, messages: Sequence[Message], stop: threading.Event, retry: bool
@@ -395,11 +381,8 @@ class TickSink:
                 self.close()
                 if not retry:
                     raise
-                log.warning(
-                    "database unavailable, retrying the batch",
-                    extra={"error": str(exc).strip(), "in_seconds": self.s.retry_seconds},
-                )
-                if stop.wait(self.s.retry_seconds):
+                what = "database unavailable, retrying the batch"
+                if wait_to_retry(stop, self.s.retry_seconds, what, exc):
                     return None
 
 
@@ -422,29 +405,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (default 19102, 0 off)")
     args = parser.parse_args(argv)
     setup_logging()
-    overrides = {
-        k: v
-        for k, v in {
-            "topic": args.topic,
-            "group": args.group,
-            "batch_size": args.batch_size,
-            "metrics_port": args.metrics_port,
-        }.items()
-        if v is not None
-    }
-    settings = TickSinkSettings(**overrides)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("stopping after the current batch", extra={"signal": signum})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    settings = TickSinkSettings(
+        **cli_overrides(
+            topic=args.topic,
+            group=args.group,
+            batch_size=args.batch_size,
+            metrics_port=args.metrics_port,
+        )
+    )
+    stop = stop_on_signals()
     sink = TickSink(settings)
-    # A --once run is short: metrics only when a port was asked for.
-    sink.metrics.serve(
-        settings.metrics_host, settings.metrics_port if not args.once or args.metrics_port else 0
+    serve_metrics(
+        sink.metrics.registry,
+        settings.metrics_host,
+        metrics_port(settings.metrics_port, args.once, args.metrics_port),
     )
     try:
         total = sink.run(once=args.once, stop=stop)

@@ -20,7 +20,8 @@ import psycopg
 import pytest
 
 from ingestion import pgoutput as po
-from ingestion.crm_cdc import CRASH_EXIT_CODE, CdcSettings, CrmCdc, Metrics, RunStats
+from ingestion.crm_cdc import CdcSettings, CrmCdc, Metrics, RunStats
+from ingestion.service import CRASH_EXIT_CODE
 from ops.stack import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
