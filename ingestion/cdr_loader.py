@@ -534,6 +534,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     setup_logging()
+    logging.getLogger("paramiko").setLevel(logging.WARNING)  # a line per login otherwise
     overrides: dict[str, Any] = {}
     for name, value in (
         ("cdr_dir", args.dir),
