@@ -206,7 +206,7 @@ def consumer_processes(stream_url: str, redis_url: str, count: int, keep_keys: l
 def bench_consumer(
     stream_url: str, redis_url: str, n: int, subscribers: int, processes: int = 2
 ) -> dict:
-    from api.hvs import run
+    from api.hvs import run, tune_gc
     from api.settings import HvsSettings
     from ingestion.generators.forex import ForexConfig, publish_ticks
     from ingestion.stream import open_producer
@@ -229,6 +229,7 @@ def bench_consumer(
             p.publish_many(topic, items)
     r.config_resetstat()
     mem0 = r.info("memory")["used_memory"]
+    tune_gc()  # as `python -m api.hvs` does
     t0 = time.perf_counter()
     applied = run(settings, threading.Event(), drain=True)
     seconds = time.perf_counter() - t0
