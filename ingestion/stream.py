@@ -554,6 +554,7 @@ class RedisConsumer(_Closing):
         self._replay = {k: v for k, v in self._replay.items() if k in more}
 
     def _claim_idle(self, count: int, out: list[Message]) -> None:
+        """Claim up to `count` idle entries of other consumers into `out` (empty on entry)."""
         for skey in self._by_key:
             if len(out) >= count:
                 return
@@ -608,7 +609,9 @@ class RedisConsumer(_Closing):
                         and len(out) + len(got) < max_messages
                     ):
                         self._next_claim = now + self._claim_interval
-                        self._claim_idle(max_messages - len(out) - len(got), got)
+                        claimed: list[Message] = []
+                        self._claim_idle(max_messages - len(out) - len(got), claimed)
+                        got += claimed
                     if len(out) + len(got) < max_messages and not self._replay:
                         block = None if out or got or timeout <= 0 else max(1, int(timeout * 1000))
                         self._read_new(max_messages - len(out) - len(got), block, got)

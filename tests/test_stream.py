@@ -259,6 +259,39 @@ def test_redis_pending_entries_of_a_dead_consumer_are_claimed(stack) -> None:
     assert names == {b"dead"}
 
 
+def test_redis_restart_takes_own_pending_and_claims_others_in_one_poll(stack) -> None:
+    """A restarted consumer's first poll holds its own pending entries and, room permitting,
+    every idle entry of a dead consumer (not fewer because its own entries came first)."""
+    url, topic, group = stack.stream_url, fresh("t"), fresh("g")
+    with open_producer(url) as producer:
+        publish_numbered(producer, topic, 8)
+    me = open_consumer(url, [topic], group, consumer_name="me", claim_idle_ms=None)
+    mine = me.poll(max_messages=3, timeout=1.0)
+    me.close()  # never committed: pending under "me"
+    other = open_consumer(url, [topic], group, consumer_name="other", claim_idle_ms=None)
+    theirs = drain(other, 5)
+    other.close()  # never committed: pending under "other"
+    assert (len(mine), len(theirs)) == (3, 5)
+    raw = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while min(e["time_since_delivered"] for e in raw.xpending_range(
+            stream_key(topic), group, min="-", max="+", count=10, consumername="other"
+        )) < 200:  # fmt: skip
+            assert time.monotonic() < deadline, "entries never became idle"
+            time.sleep(0.05)
+    finally:
+        raw.close()
+
+    with open_consumer(
+        url, [topic], group, consumer_name="me", claim_idle_ms=100, claim_interval=60
+    ) as me:
+        first = me.poll(max_messages=10, timeout=0.2)
+        me.commit(first)
+    assert sorted(m.position for m in first) == sorted(m.position for m in mine + theirs)
+    assert len(first) == 8
+
+
 def test_redis_key_layout_and_retention(stack) -> None:
     url, topic = stack.stream_url, fresh("t")
     raw = redis.Redis.from_url(url)
