@@ -468,7 +468,11 @@ class CdrLoader:
         """Land every complete file, then return. False if failures persisted (see settings)."""
         failures = 0
         while not self.stop.is_set():
-            result = self.poll_once()
+            try:
+                result = self.poll_once()
+            except Exception:
+                log.exception("poll failed")
+                result = PollResult(errors=1)
             if result.errors or result.failed:
                 failures += 1
                 if failures >= self.s.once_attempts:

@@ -407,7 +407,7 @@ def test_killed_in_the_middle_of_a_file_lands_nothing_and_the_rerun_lands_it_onc
     try:
         blocker.execute("lock table cdr_data.files in exclusive mode")
         proc = subprocess.Popen(
-            argv, env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            argv, env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
             wait_for(
@@ -421,7 +421,6 @@ def test_killed_in_the_middle_of_a_file_lands_nothing_and_the_rerun_lands_it_onc
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-            proc.stderr.close()
     finally:
         blocker.rollback()
         blocker.close()
@@ -439,39 +438,58 @@ def test_killed_in_the_middle_of_a_file_lands_nothing_and_the_rerun_lands_it_onc
     assert query(stack, "select count(*) from cdr_data.files") == [(1,)]
 
 
-def test_sigterm_ends_follow_cleanly_and_metrics_are_served(stack, cdr_dir) -> None:
+def test_sigterm_finishes_the_files_in_hand_then_exits_cleanly(stack, cdr_dir, tmp_path) -> None:
     directory, path = cdr_dir
     port = free_port()
     env = loader_env(stack, directory, CDR_POLL_INTERVAL="0.2", CDR_METRICS_PORT=str(port))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ingestion.cdr_loader", "--no-publish"],
-        env=env,
-        cwd=PROJECT_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    first, second = generated(datetime(2031, 8, 1), pairs=2, rows=50)[::2]
+    log_path = tmp_path / "loader.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ingestion.cdr_loader", "--no-publish"],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    blocker = psycopg.connect(stack.analytics_dsn)
     try:
-        for name, content in generated(datetime(2031, 8, 1), pairs=1, rows=50):
-            (path / name).write_bytes(content)
-        wait_for(lambda: len(landed_counts(stack)) == 2, "the files to land")
+        (path / first[0]).write_bytes(first[1])
+        wait_for(lambda: landed_counts(stack) == {first[0]: 50}, "the first file to land")
 
         def landed_metric() -> bool:
             try:
                 text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
             except httpx.HTTPError:
                 return False
-            return 'cdr_loader_rows_landed_total{kind="voice"} 50.0' in text
+            return 'cdr_loader_rows_landed_total{kind="data"} 50.0' in text
 
         wait_for(landed_metric, "the metrics to count the landed rows")
+        # Stop the loader inside the second file's transaction, then ask it to stop.
+        blocker.execute("lock table cdr_data.files in exclusive mode")
+        (path / second[0]).write_bytes(second[1])
+        wait_for(
+            lambda: query(
+                stack,
+                "select count(*) from pg_stat_activity where application_name = 'cdr_loader'"
+                " and wait_event_type = 'Lock'",
+            )[0][0],
+            "the loader to be inside the second file",
+        )
         proc.send_signal(signal.SIGTERM)
+        wait_for(
+            lambda: "stopping after the files in hand" in log_path.read_text(),
+            "the loader to take the signal while the file is in hand",
+        )
+        blocker.rollback()
         assert proc.wait(timeout=30) == 0
     finally:
+        blocker.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        stderr = proc.stderr.read().decode()
-        proc.stderr.close()
-    assert "cdr loader stopped" in stderr
+    assert landed_counts(stack) == {first[0]: 50, second[0]: 50}
+    assert "cdr loader stopped" in log_path.read_text()
 
 
 def _sftp_sessions(stack) -> list[int]:
