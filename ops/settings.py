@@ -27,14 +27,14 @@ class StackSettings(BaseSettings):
 
     state_dir: Path = Field(default=PROJECT_ROOT / ".wtc", description="ignored state folder")
     host: str = "127.0.0.1"
-    pg_port: int = 55432
+    pg_port: int = 15432
     pg_user: str = "postgres"
     pg_password: str = DEV_PG_PASSWORD
     pg_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
     pg_os_user: str = Field(
         default="postgres", description="unprivileged OS user that runs Postgres when run as root"
     )
-    redis_port: int = 56379
+    redis_port: int = 16379
     sftp_port: int = 10022
     sftp_user: str = "cdr_data"
     sftp_password: str = DEV_SFTP_PASSWORD

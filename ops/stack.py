@@ -227,7 +227,7 @@ class Stack:
             )
         )
         log.info("starting postgres", extra={"port": self.s.pg_port})
-        subprocess.run(
+        started = subprocess.run(
             self._as_service_user(
                 [
                     self._pg("pg_ctl"),
@@ -241,9 +241,12 @@ class Stack:
                     str(self.pg_dir / "postgres.log"),
                 ]
             ),
-            check=True,
             stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
+        if started.returncode != 0:
+            tail = (self.pg_dir / "postgres.log").read_text().splitlines()[-3:]
+            raise StackError("postgres did not start: " + " | ".join(tail))
 
     def _initdb(self) -> None:
         log.info("initialising postgres data directory", extra={"path": str(self.pg_data)})
@@ -421,16 +424,17 @@ class Stack:
             log.info("already running", extra={"service": name, "pid": pid})
             return pid
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        logfile = (self.run_dir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            argv,
-            cwd=PROJECT_ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        # The child keeps its own copy of the log's descriptor; ours closes at once.
+        with (self.run_dir / f"{name}.log").open("ab") as logfile:
+            proc = subprocess.Popen(
+                argv,
+                cwd=PROJECT_ROOT,
+                env={**os.environ, **(env or {})},
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         pidfile.write_text(f"{proc.pid}\n")
         log.info("started", extra={"service": name, "pid": proc.pid})
         return proc.pid
