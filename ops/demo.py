@@ -21,13 +21,13 @@ import argparse
 import base64
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from ops.logs import setup_logging
 from ops.settings import PROJECT_ROOT, StackSettings
@@ -83,7 +83,7 @@ def demo_env(s: StackSettings) -> dict[str, str]:
 
 def write_env_file(path: Path, env: dict[str, str]) -> None:
     lines = ["# Written by `make demo`: `source .wtc/demo.env` to use the local stack."]
-    lines += [f"export {key}='{value}'" for key, value in env.items()]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)
 
@@ -240,7 +240,7 @@ def summary(env: dict[str, str], env_file: Path) -> str:
             f"  try:  source {env_file}",
             "        msisdn=$(psql -Atc 'select msisdn from cdr_data.data_records limit 1' "
             '"$WTC_ANALYTICS_DSN")',
-            f"        curl -s -u {quote(user)}:{quote(password)} "
+            f"        curl -s -u {shlex.quote(f'{user}:{password}')} "
             '"$API_URL/data_usage?msisdn=$msisdn&start_time=20240101000000&end_time=20240103000000"',
             "",
             "`make stop` stops everything.",
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         build_warehouse(stack, env)
         wait_for_live_usage(env)
         log.info("demo ready", extra={"seconds": round(time.monotonic() - started, 1)})
-    except StackError as exc:
+    except (StackError, subprocess.CalledProcessError) as exc:
         log.error("%s", exc)
         log.error("see the logs under %s; `make stop` stops what started", stack.run_dir)
         return 1
