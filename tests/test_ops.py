@@ -57,8 +57,9 @@ def test_readable_log_lines():
 
 
 def test_demo_env_file_exports_every_documented_variable(tmp_path):
-    env = demo_env(StackSettings(state_dir=tmp_path, sftp_password="it's"))
+    env = demo_env(StackSettings(state_dir=tmp_path, sftp_password="it's", pg_password="p'$`x\\"))
     documented = {
+        "WTC_PG_PASSWORD",
         "WTC_ANALYTICS_DSN",
         "WTC_PROD_DSN",
         "REDIS_URL",
