@@ -57,3 +57,39 @@
     ) as numbered
     group by msisdn, tower_id, island
 {%- endmacro %}
+
+{#- The batch of an incremental session mart (tower_sessions, tower_sessions_hourly): per msisdn,
+    every run of int_cdr__tower_runs from the start of its earliest run (re)computed since the
+    mart was last built (the mart's greatest `computed_at`) on, shorter runs included, as the
+    CTEs `changed` (msisdn, tail_from) and `runs`. `tail_unit` ('hour') truncates tail_from for
+    a mart keyed on that unit. The replace_tail strategy then replaces each msisdn's tail. -#}
+{% macro recomputed_run_tails(tail_unit=none) -%}
+    changed as (
+        select
+            msisdn,
+            {% if tail_unit -%}
+                date_trunc('{{ tail_unit }}', min(run_start)) as tail_from
+            {%- else -%}
+                min(run_start) as tail_from
+            {%- endif %}
+        from {{ ref('int_cdr__tower_runs') }}
+        where
+            computed_at > (
+                select coalesce(max(built.computed_at), '-infinity') as watermark
+                from {{ this }} as built
+            )
+        group by msisdn
+    ),
+
+    runs as (
+        select runs.*
+        from changed
+        cross join lateral (
+            select *
+            from {{ ref('int_cdr__tower_runs') }} as r
+            where
+                r.msisdn = changed.msisdn  -- noqa: RF03
+                and changed.tail_from <= r.run_start
+        ) as runs
+    )
+{%- endmacro %}

@@ -3,34 +3,9 @@
 with
 
 {% if is_incremental() %}
-    -- per msisdn, the earliest run (re)computed since this mart was last built: every session
-    -- from that run's start on is replaced
-    changed as (
-        select
-            msisdn,
-            min(run_start) as tail_from
-        from {{ ref('int_cdr__tower_runs') }}
-        where
-            computed_at > (
-                select coalesce(max(sessions.computed_at), '-infinity') as watermark
-                from {{ this }} as sessions
-            )
-        group by msisdn
-    ),
-
-    -- the whole tail, shorter runs included: the replace_tail strategy deletes from each msisdn's
-    -- earliest row in this batch on and keeps only the runs that are sessions
-    runs as (
-        select runs.*
-        from changed
-        cross join lateral (
-            select *
-            from {{ ref('int_cdr__tower_runs') }} as r
-            where
-                r.msisdn = changed.msisdn  -- noqa: RF03
-                and changed.tail_from <= r.run_start
-        ) as runs
-    )
+    -- per msisdn, the tail from its earliest run (re)computed since the last build on,
+    -- shorter runs included (replace_tail keeps only the sessions)
+    {{ recomputed_run_tails() }}
 {% else %}
     runs as (
         select *

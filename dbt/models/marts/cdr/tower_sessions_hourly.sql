@@ -3,34 +3,10 @@
 with
 
 {% if is_incremental() %}
-    -- per msisdn, the hour of the earliest run (re)computed since this mart was last built:
-    -- every hour from there on is replaced
-    changed as (
-        select
-            msisdn,
-            date_trunc('hour', min(run_start)) as tail_from
-        from {{ ref('int_cdr__tower_runs') }}
-        where
-            computed_at > (
-                select coalesce(max(hourly.computed_at), '-infinity') as watermark
-                from {{ this }} as hourly
-            )
-        group by msisdn
-    ),
-
-    -- the whole tail, shorter runs included (they give rows with 0 sessions, which the
-    -- replace_tail strategy uses as the start of the tail and does not keep)
-    runs as (
-        select runs.*
-        from changed
-        cross join lateral (
-            select *
-            from {{ ref('int_cdr__tower_runs') }} as r
-            where
-                r.msisdn = changed.msisdn  -- noqa: RF03
-                and changed.tail_from <= r.run_start
-        ) as runs
-    ),
+    -- per msisdn, every hour from that of its earliest run (re)computed since the last build on;
+    -- shorter runs give rows with 0 sessions, which replace_tail uses as the start of the tail
+    -- and does not keep
+    {{ recomputed_run_tails('hour') }},
 {% else %}
     runs as (
         select *
