@@ -8,25 +8,70 @@
 {%- endmacro %}
 
 
-{#- The CRM clock just before log position `lsn` (an SQL expression): the greatest modified_ts
-    of the non-delete changes (any of the three tables) at the greatest lsn below it. Null before
-    the first one. `only_landed_by` (optional SQL expression) restricts the log to the changes
-    landed at or before it (the clock as an earlier run saw it, at the latest). -#}
-{% macro crm_clock(lsn, only_landed_by=none) -%}
-    {%- set landed = (' and {a}.landed_at <= ' ~ only_landed_by) if only_landed_by else '' -%}
-    (
-        select max(clk.modified_ts)
-        from (select * from {{ ref('int_crm__changes') }}) as clk
-        where
-            clk.change_op <> 'd'{{ landed | replace('{a}', 'clk') }}
-            and clk.change_lsn = (
-                select max(prev.change_lsn)
-                from (select * from {{ ref('int_crm__changes') }}) as prev
-                where
-                    prev.change_op <> 'd'{{ landed | replace('{a}', 'prev') }}
-                    and prev.change_lsn < {{ lsn }}
-            )
+{#- The time of every delete in the CRM change log (a SELECT of entity, entity_key, change_lsn,
+    landed_at, delete_ts): the CRM clock just before it, the greatest modified_ts of the non-delete changes
+    (any of the three tables) at the greatest lsn below the delete's; null before the first one.
+    Set-based: the clock points (per lsn, the greatest modified_ts) and the deletes in one lsn
+    order (a delete before a point at the same lsn: only lower lsns count), each delete taking
+    the last point before it. `only_landed_by` (optional SQL expression) restricts the clock to
+    the changes landed at or before it (the clock as an earlier run saw it, at the latest). -#}
+{% macro crm_delete_times(only_landed_by=none) -%}
+    {%- set landed = (' and changes.landed_at <= ' ~ only_landed_by) if only_landed_by else '' -%}
+    with
+
+    points as (
+        select
+            null::text as entity,
+            null::integer as entity_key,
+            changes.change_lsn,
+            max(changes.modified_ts) as point_ts,
+            null::timestamptz as landed_at,
+            1 as is_point
+        from (select * from {{ ref('int_crm__changes') }}) as changes
+        where changes.change_op <> 'd'{{ landed }}
+        group by changes.change_lsn
+    ),
+
+    deletes as (
+        select
+            changes.entity,
+            changes.entity_key,
+            changes.change_lsn,
+            null::timestamp as point_ts,
+            changes.landed_at,
+            0 as is_point
+        from (select * from {{ ref('int_crm__changes') }}) as changes
+        where changes.change_op = 'd'
+    ),
+
+    ordered as (
+        select
+            *,
+            sum(is_point) over (
+                order by change_lsn, is_point rows between unbounded preceding and current row
+            ) as clock_group
+        from (select * from points union all select * from deletes) as log
+    ),
+
+    clocked as (
+        select
+            entity,
+            entity_key,
+            change_lsn,
+            landed_at,
+            is_point,
+            max(point_ts) over (partition by clock_group) as delete_ts
+        from ordered
     )
+
+    select
+        entity,
+        entity_key,
+        change_lsn,
+        landed_at,
+        delete_ts
+    from clocked
+    where is_point = 0
 {%- endmacro %}
 
 
@@ -50,6 +95,7 @@
     of deletes logged after the earliest new non-delete change of any table (a late change can
     move the CRM clock, so the time, of such a delete). -#}
 {% macro crm_history(entity, key, columns) -%}
+-- depends_on: {{ ref('int_crm__changes') }}
 with
 
 {% if is_incremental() %}
@@ -90,11 +136,13 @@ changes as (
         log.change_lsn,
         log.modified_ts,
         log.landed_at,
-        case
-            when log.change_op = 'd' then {{ crm_clock('log.change_lsn') }}
-            else log.modified_ts
-        end as change_ts
+        coalesce(deletes.delete_ts, log.modified_ts) as change_ts
     from (select * from {{ ref('stg_crm__' ~ entity ~ '_changes') }}) as log
+    left join (select * from {{ ref('int_crm__delete_times') }}) as deletes
+        on
+            deletes.entity = '{{ entity }}'
+            and log.{{ key }} = deletes.entity_key
+            and log.change_lsn = deletes.change_lsn
     {% if is_incremental() %}
         where log.{{ key }} in (select affected.entity_key from affected)
     {% endif %}

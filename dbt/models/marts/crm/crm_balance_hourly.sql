@@ -37,23 +37,9 @@
 } -%}
 {%- set columns = column_types.keys() | list -%}
 
-with
+-- depends_on: {{ ref('int_crm__delete_times') }}, {{ ref('int_crm__changes') }}
 
-marks as (
-    select
-        (select max(events.loaded_at) from (select * from {{ ref('int_cdr__events') }}) as events)
-            as cdr_loaded_through,
-        (
-            select max(changes.landed_at)
-            from (select * from {{ ref('int_crm__changes') }}) as changes
-        )
-            as crm_landed_through,
-        (
-            select max(rates.last_landed_at)
-            from (select * from {{ ref('fx_rates_hourly') }}) as rates
-        )
-            as rates_landed_through
-),
+with
 
 {% if is_incremental() %}
     new_crm_changes as (
@@ -61,9 +47,45 @@ marks as (
             changes.entity,
             changes.entity_key,
             changes.change_op,
-            changes.change_lsn
+            changes.change_lsn,
+            changes.landed_at
         from (select * from {{ ref('int_crm__changes') }}) as changes
         where changes.landed_at > {{ crm_landed_after('crm_landed_through') }}
+    ),
+
+    new_cdr as (
+        select
+            min(events.event_ts) as changed_at,
+            max(events.loaded_at) as loaded_through
+        from (select * from {{ ref('int_cdr__events') }}) as events
+        where events.loaded_at > {{ loaded_after('cdr_loaded_through') }}
+    ),
+
+    -- the watermarks: the stored ones moved on by the rows new to this run (cheap: a max over
+    -- whole tables cannot use their indexes through the staging views)
+    marks as (
+        select
+            greatest(
+                (select max(built.cdr_loaded_through) from {{ this }} as built),
+                (select new_cdr.loaded_through from new_cdr)
+            ) as cdr_loaded_through,
+            greatest(
+                (select max(built.crm_landed_through) from {{ this }} as built),
+                (select max(new_crm_changes.landed_at) from new_crm_changes)
+            ) as crm_landed_through,
+            (
+                select max(rates.last_landed_at)
+                from (select * from {{ ref('fx_rates_hourly') }}) as rates
+            ) as rates_landed_through
+    ),
+
+    -- the time of every delete by the clock of the changes landed before this run's new ones
+    old_delete_times as (
+        {{ crm_delete_times(crm_landed_after('crm_landed_through')) }}
+    ),
+
+    delete_times as (
+        select * from {{ ref('int_crm__delete_times') }}
     ),
 
     crm_key_logs as (
@@ -72,11 +94,13 @@ marks as (
             changes.entity_key,
             changes.change_op,
             changes.change_lsn,
-            case
-                when changes.change_op = 'd' then {{ crm_clock('changes.change_lsn') }}
-                else changes.modified_ts
-            end as change_ts
+            coalesce(deletes.delete_ts, changes.modified_ts) as change_ts
         from (select * from {{ ref('int_crm__changes') }}) as changes
+        left join delete_times as deletes
+            on
+                changes.entity = deletes.entity
+                and changes.entity_key = deletes.entity_key
+                and changes.change_lsn = deletes.change_lsn
         where (changes.entity, changes.entity_key) in (
             select
                 new_crm_changes.entity,
@@ -106,13 +130,11 @@ marks as (
                 and times.entity_key = new_changes.entity_key
                 and times.change_lsn = new_changes.change_lsn
         union all
-        select {{ crm_clock('deletes.change_lsn', crm_landed_after('crm_landed_through')) }}
-            as changed_at
-        from (select * from {{ ref('int_crm__changes') }}) as deletes
+        select old_deletes.delete_ts as changed_at
+        from old_delete_times as old_deletes
         where
-            deletes.change_op = 'd'
-            and deletes.landed_at <= {{ crm_landed_after('crm_landed_through') }}
-            and deletes.change_lsn > (
+            old_deletes.landed_at <= {{ crm_landed_after('crm_landed_through') }}
+            and old_deletes.change_lsn > (
                 select min(new_crm_changes.change_lsn) from new_crm_changes
                 where new_crm_changes.change_op <> 'd'
             )
@@ -123,11 +145,7 @@ marks as (
             {{ time_bucket('least(cdr.changed_at, crm.changed_at, rates.changed_at)', 'h1') }}
                 as rebuild_from
         from
-            (
-                select min(events.event_ts) as changed_at
-                from (select * from {{ ref('int_cdr__events') }}) as events
-                where events.loaded_at > {{ loaded_after('cdr_loaded_through') }}
-            ) as cdr,
+            (select new_cdr.changed_at from new_cdr) as cdr,
             (select min(crm_times.changed_at) as changed_at from crm_times) as crm,
             (
                 select min(rates.hour_start) as changed_at
@@ -135,6 +153,33 @@ marks as (
                 where rates.last_landed_at > {{ loaded_after('rates_landed_through') }}
             ) as rates
     ),
+{% else %}
+marks as (
+    select
+        greatest(
+            (
+                select max(data.loaded_at)
+                from (select * from {{ ref('stg_cdr__data_records') }}) as data
+            ),
+            (
+                select max(voice.loaded_at)
+                from (select * from {{ ref('stg_cdr__voice_records') }}) as voice
+            )
+        ) as cdr_loaded_through,
+        greatest(
+            {%- for entity in ['accounts', 'addresses', 'devices'] %}
+            (
+                select max(log.landed_at)
+                from (select * from {{ ref('stg_crm__' ~ entity ~ '_changes') }}) as log
+            ){% if not loop.last %},{% endif %}
+            {%- endfor %}
+        ) as crm_landed_through,
+        (
+            select max(rates.last_landed_at)
+            from (select * from {{ ref('fx_rates_hourly') }}) as rates
+        ) as rates_landed_through
+),
+
 {% endif %}
 
 events as (
