@@ -44,6 +44,9 @@ log = logging.getLogger("ingestion.tick_sink")
 
 FIELDS = ("timestamp", "pair_name", "bid_price", "ask_price", "spread")
 PRICE_FIELDS = ("bid_price", "ask_price", "spread")
+# What a Postgres `numeric` column stores: a larger or finer number fails the whole COPY.
+NUMERIC_MAX_INT_DIGITS = 131072
+NUMERIC_MAX_SCALE = 16383
 _TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?$")
 
 
@@ -119,7 +122,13 @@ def parse_tick(value: bytes, pairs: Sequence[str]) -> Tick:
         v = obj[name]
         if isinstance(v, bool) or not isinstance(v, int | Decimal):
             raise BadTick(f"{name} is not a number: {v!r}")
-        prices[name] = Decimal(v)
+        d = Decimal(v)
+        if d.adjusted() >= NUMERIC_MAX_INT_DIGITS or -d.as_tuple().exponent > NUMERIC_MAX_SCALE:
+            raise BadTick(
+                f"{name} out of range: numeric holds at most {NUMERIC_MAX_INT_DIGITS} digits "
+                f"before and {NUMERIC_MAX_SCALE} after the point"
+            )
+        prices[name] = d
     bid, ask, spread = prices["bid_price"], prices["ask_price"], prices["spread"]
     if bid <= 0 or ask <= 0:
         raise BadTick(f"non-positive price: bid_price={bid} ask_price={ask}")

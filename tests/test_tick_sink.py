@@ -98,6 +98,13 @@ BAD = [
     (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": NaN, '
      b'"ask_price": 1.2, "spread": 0.1}', "not a finite number"),
     (b"\xff\xfe\x00garbage", "not JSON"),
+    # Beyond what a numeric column stores (the COPY of the whole batch would fail).
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": 1e-20000, '
+     b'"ask_price": 1.2, "spread": 0.1}', "bid_price out of range"),
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": 1.1, '
+     b'"ask_price": 1.2, "spread": 0E-16384}', "spread out of range"),
+    (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": 1.1, '
+     b'"ask_price": 1e131072, "spread": 0.1}', "ask_price out of range"),
 ]  # fmt: skip
 
 
