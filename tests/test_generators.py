@@ -310,12 +310,15 @@ def test_write_cdr_files_writes_final_names(tmp_path) -> None:
 
 def test_upload_cdr_files_over_sftp(stack) -> None:
     config = small(duration=timedelta(minutes=10), seed=11)
-    remote = upload_cdr_files(config, stack.sftp_url)
     expected = dict(cdr_files(config))
-    assert sorted(r.rsplit("/", 1)[-1] for r in remote) == sorted(expected)
-    for name, content in expected.items():
-        assert (stack.cdr_dir / name).read_bytes() == content
-        (stack.cdr_dir / name).unlink()
+    try:
+        remote = upload_cdr_files(config, stack.sftp_url)
+        assert sorted(r.rsplit("/", 1)[-1] for r in remote) == sorted(expected)
+        for name, content in expected.items():
+            assert (stack.cdr_dir / name).read_bytes() == content
+    finally:  # the SFTP directory is shared with the CDR loader's tests
+        for name in expected:
+            (stack.cdr_dir / name).unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("bad", [{"rows_per_file": 0}, {"duration": timedelta(seconds=10)}])
