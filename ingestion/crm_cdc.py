@@ -734,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
         except CdcError as exc:
             log.error(str(exc))
             return 2
+        except psycopg.OperationalError as exc:  # --once: a database that cannot be reached
+            log.error("crm cdc failed", extra={"error": str(exc).strip()})
+            return 1
         log.info(
             "crm cdc finished",
             extra={

@@ -551,3 +551,17 @@ def test_cli_help() -> None:
     )
     assert out.returncode == 0
     assert "--once" in out.stdout and "pgoutput" in out.stdout
+
+
+def test_cli_once_without_a_database_is_a_clear_error() -> None:
+    unreachable = f"postgresql://postgres:x@127.0.0.1:{free_port()}/wtc_prod"
+    out = subprocess.run(
+        [sys.executable, "-m", "ingestion.crm_cdc", "--once"],
+        cwd=ROOT,
+        env={**os.environ, "WTC_PROD_DSN": unreachable, "WTC_ANALYTICS_DSN": unreachable},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "crm cdc failed" in out.stderr and "Traceback" not in out.stderr
