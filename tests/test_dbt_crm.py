@@ -291,7 +291,9 @@ def scenario(stack, dbt_project: DbtProject) -> Iterator[dict]:
             # accounts with usage in hour 2 (after the changes below, at 01:30)
             phones = dict(account_ids(prod))
             late = sorted({r[0] for r in out["step1"] if r[1].hour == 2 and r[0] in phones})
-            a1, a2, a3 = late[:3]
+            with_device = {a for (a,) in prod.execute("select account_id from crm_system.devices")}
+            a1 = next(a for a in late if a in with_device)
+            a2, a3 = [a for a in late if a != a1][:2]
             phone1 = phones[a1]
             at = T0 + timedelta(hours=1, minutes=30)
             out["moved_phone"], out["deleted"] = phone1, a2
@@ -313,14 +315,24 @@ def scenario(stack, dbt_project: DbtProject) -> Iterator[dict]:
                 ],
             )
             crm_statements(prod, [(UPDATE_ADDRESS, ("Elsewhere", at + timedelta(seconds=2), a3))])
-            # a device of a3 (the update keeps account_id), then a3's account deleted
+            # a new device for a3; an update of a device of a1 names account 5 but keeps a1
+            # (the CRM's upsert does not change account_id); then a2 is deleted
+            (kept,) = prod.execute(
+                "select min(device_id) from crm_system.devices where account_id = %s",
+                (a1,),
+            ).fetchone()
+            out["kept_device"] = (kept, a1)
             crm_statements(
                 prod,
                 [
                     (
                         UPSERT_DEVICE,
                         (6, a3, "Pixel 8", "Mobile", "Android", at + timedelta(seconds=3)),
-                    )
+                    ),
+                    (
+                        UPSERT_DEVICE,
+                        (kept, 5, "iPad Air", "Tablet", "iOS", at + timedelta(seconds=4)),
+                    ),
                 ],
             )
             crm_statements(
@@ -397,6 +409,17 @@ def test_incremental_run_rebuilt_only_the_tail_and_matches_the_oracle(scenario) 
     assert not any(a == deleted and h.hour >= 2 for a, h in after)
     # the moved number's events from 01:30 on belong to the new account (id 5)
     assert any(a == 5 for a, _ in after)
+
+
+def test_a_device_update_keeps_its_old_account(scenario, stack) -> None:
+    device_id, account_id = scenario["kept_device"]
+    with psycopg.connect(stack.analytics_dsn) as conn:
+        versions = conn.execute(
+            "select account_id, device_name, is_current from prepared_layers.crm_devices_history "
+            "where device_id = %s order by version_lsn",
+            (device_id,),
+        ).fetchall()
+    assert versions[-1] == (account_id, "iPad Air", True)
 
 
 def test_incremental_equals_full_refresh(scenario) -> None:
