@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from api.auth import hash_password
 from ops.logs import setup_logging
 from ops.settings import PROJECT_ROOT, StackSettings
 from ops.stack import Stack, StackError, port_open, wait_until
@@ -175,6 +176,9 @@ def start_live(stack: Stack, env: dict[str, str]) -> None:
         ],
     }
     service_env = {**env, "WTC_LOG_FORMAT": "json"}
+    if "API_USERS" not in os.environ and env["API_PASSWORD"] != DEV_API_PASSWORD:
+        # A login of your own: the API accepts exactly the one that demo.env names.
+        service_env["API_USERS"] = f"{env['API_USER']}:{hash_password(env['API_PASSWORD'])}"
     for name, argv in services.items():
         stack.start_process(name, argv, service_env)
     wait_until(lambda: port_open(stack.s.host, stack.s.api_port), "the usage API", timeout=60)
