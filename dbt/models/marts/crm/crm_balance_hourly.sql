@@ -121,6 +121,23 @@ with
         from crm_key_logs
     ),
 
+    -- deletes landed before the new changes but logged after the earliest of them (their clock
+    -- may have moved; normally there are none)
+    old_deletes_moved as (
+        select
+            changes.entity,
+            changes.entity_key,
+            changes.change_lsn
+        from (select * from {{ ref('int_crm__changes') }}) as changes
+        where
+            changes.change_op = 'd'
+            and changes.landed_at <= {{ crm_landed_after('crm_landed_through') }}
+            and changes.change_lsn > (
+                select min(new_crm_changes.change_lsn) from new_crm_changes
+                where new_crm_changes.change_op <> 'd'
+            )
+    ),
+
     crm_times as (
         select least(times.change_ts, times.next_change_ts) as changed_at
         from crm_key_times as times
@@ -133,10 +150,14 @@ with
         select old_deletes.delete_ts as changed_at
         from old_delete_times as old_deletes
         where
-            old_deletes.landed_at <= {{ crm_landed_after('crm_landed_through') }}
-            and old_deletes.change_lsn > (
-                select min(new_crm_changes.change_lsn) from new_crm_changes
-                where new_crm_changes.change_op <> 'd'
+            -- a constant gate: the clock over the whole log is computed only when needed
+            exists (select 1 from old_deletes_moved)
+            and (old_deletes.entity, old_deletes.entity_key, old_deletes.change_lsn) in (
+                select
+                    old_deletes_moved.entity,
+                    old_deletes_moved.entity_key,
+                    old_deletes_moved.change_lsn
+                from old_deletes_moved
             )
     ),
 
