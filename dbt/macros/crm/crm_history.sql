@@ -9,8 +9,9 @@
 
 
 {#- The time of every delete in the CRM change log (a SELECT of entity, entity_key, change_lsn,
-    landed_at, delete_ts): the CRM clock just before it, the greatest modified_ts of the non-delete changes
-    (any of the three tables) at the greatest lsn below the delete's; null before the first one.
+    landed_at, delete_ts): the CRM clock just before it, the greatest modified_ts of the
+    non-delete changes (any of the three tables) at the greatest lsn below the delete's; null
+    before the first one.
     Set-based: the clock points (per lsn, the greatest modified_ts) and the deletes in one lsn
     order (a delete before a point at the same lsn: only lower lsns count), each delete taking
     the last point before it. `only_landed_by` (optional SQL expression) restricts the clock to
