@@ -221,6 +221,8 @@ class Stack:
                     "shared_buffers = 256MB",
                     "max_wal_size = 2GB",
                     "work_mem = 64MB",
+                    # short analytical queries: compiling them costs more than it saves
+                    "jit = off",
                     "maintenance_work_mem = 256MB",
                     "",
                 ]
