@@ -20,9 +20,7 @@ import argparse
 import csv
 import io
 import logging
-import shutil
 import subprocess
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -35,8 +33,7 @@ from ingestion.cdr_loader import CdrLoader, LoaderSettings
 from ingestion.cdr_sftp import CdrSftp
 from ingestion.generators.cdr import CdrConfig, cdr_files
 from ops.logs import setup_logging
-from ops.settings import StackSettings
-from ops.stack import free_port, running
+from ops.stack import throwaway
 
 log = logging.getLogger("bench.cdr_loader")
 
@@ -85,27 +82,6 @@ def raw_copy(dsn: str, local: Path, names: list[str]) -> float:
             ):
                 copy.write(body)
         return time.perf_counter() - started
-
-
-def what_if_brin(
-    settings: LoaderSettings, dsn: str, local: Path, names: list[str], repeat: int
-) -> float:
-    """Loader / ceiling with the raw tables' time indexes as BRIN instead of btree (a what-if
-    for the raw contract, measured on the benchmark's own database only)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for kind in KINDS.values():
-            table = kind.table.split(".")[1]
-            for column in (kind.event_time, "loaded_at"):
-                conn.execute(f"drop index cdr_data.{table}_{column}_idx")
-                conn.execute(
-                    f"create index {table}_{column}_idx on {kind.table} using brin ({column})"
-                )
-    ratios = []
-    for _ in range(repeat):
-        ceiling = psql_copy(dsn, local, names)
-        seconds, _rows = loader_run(settings, dsn)
-        ratios.append(ceiling / seconds)
-    return max(ratios)
 
 
 def loader_run(settings: LoaderSettings, dsn: str) -> tuple[float, int]:
@@ -171,59 +147,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(level="WARNING")
 
-    state_dir = Path(tempfile.mkdtemp(prefix="wtc-bench-"))
-    state_dir.chmod(0o755)
-    stack_settings = StackSettings(
-        state_dir=state_dir,
-        pg_port=free_port(),
-        redis_port=free_port(),
-        sftp_port=free_port(),
-        api_port=free_port(),
-        docs_port=free_port(),
-    )
     config = CdrConfig(
         duration=timedelta(seconds=200 * args.pairs), rows_per_file=args.rows, seed=11
     )
-    try:
-        with running(stack_settings) as stack:
-            local = state_dir / "local"
-            local.mkdir()
-            sftp_dir = stack.s.cdr_dir / "bench"
-            sftp_dir.mkdir()
-            names = []
-            for name, content in cdr_files(config):
-                (local / name).write_bytes(content)
-                (sftp_dir / name).write_bytes(content)
-                names.append(name)
-            total_rows = len(names) * args.rows
-            dsn = stack.s.analytics_dsn
-            settings = LoaderSettings(
-                analytics_dsn=dsn,
-                sftp_url=stack.s.sftp_url,
-                stream_url=stack.s.stream_url,
-                cdr_dir="bench",
-                settle_seconds=0,
-                publish=False,
-                workers=args.workers,
-            )
-            single = settings.model_copy(update={"workers": 1})
-            ceiling, raw, loader, loader_1 = [], [], [], []
-            for round_no in range(args.repeat):
-                log.warning("round %d of %d", round_no + 1, args.repeat)
-                ceiling.append(psql_copy(dsn, local, names))
-                raw.append(raw_copy(dsn, local, names))
-                seconds, rows = loader_run(settings, dsn)
-                assert rows == total_rows, (rows, total_rows)
-                loader.append(seconds)
-                seconds, rows = loader_run(single, dsn)
-                assert rows == total_rows, (rows, total_rows)
-                loader_1.append(seconds)
-            publish_s, published = publish_run(settings, dsn)
-            subset = names[: 2 * args.baseline_pairs]
-            baseline_s, baseline_rows = row_by_row(settings, dsn, subset)
-            brin_to_ceiling = what_if_brin(settings, dsn, local, names, args.repeat)
-    finally:
-        shutil.rmtree(state_dir, ignore_errors=True)
+    with throwaway("wtc-bench-") as stack:
+        local = stack.state / "local"
+        local.mkdir()
+        sftp_dir = stack.s.cdr_dir / "bench"
+        sftp_dir.mkdir()
+        names = []
+        for name, content in cdr_files(config):
+            (local / name).write_bytes(content)
+            (sftp_dir / name).write_bytes(content)
+            names.append(name)
+        total_rows = len(names) * args.rows
+        dsn = stack.s.analytics_dsn
+        settings = LoaderSettings(
+            analytics_dsn=dsn,
+            sftp_url=stack.s.sftp_url,
+            stream_url=stack.s.stream_url,
+            cdr_dir="bench",
+            settle_seconds=0,
+            publish=False,
+            workers=args.workers,
+        )
+        single = settings.model_copy(update={"workers": 1})
+        ceiling, raw, loader, loader_1 = [], [], [], []
+        for round_no in range(args.repeat):
+            log.warning("round %d of %d", round_no + 1, args.repeat)
+            ceiling.append(psql_copy(dsn, local, names))
+            raw.append(raw_copy(dsn, local, names))
+            seconds, rows = loader_run(settings, dsn)
+            assert rows == total_rows, (rows, total_rows)
+            loader.append(seconds)
+            seconds, rows = loader_run(single, dsn)
+            assert rows == total_rows, (rows, total_rows)
+            loader_1.append(seconds)
+        publish_s, published = publish_run(settings, dsn)
+        subset = names[: 2 * args.baseline_pairs]
+        baseline_s, baseline_rows = row_by_row(settings, dsn, subset)
 
     ceiling_rate = total_rows / min(ceiling)
     print(
@@ -247,10 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  loader / ceiling {loader_rate / ceiling_rate:.2f} (goal >= 0.70);"
         f" loader / row-by-row {loader_rate / (baseline_rows / baseline_s):.1f}x"
-    )
-    print(
-        f"  what-if, event time and loaded_at indexes as BRIN: loader / ceiling"
-        f" {brin_to_ceiling:.2f}"
     )
     print(
         f"  publishing the landed rows to Redis Streams: {published / publish_s:,.0f} rows/s"

@@ -16,11 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,14 +26,12 @@ import psycopg
 
 from ingestion.cdr_landing import land_file, prepare_session
 from ingestion.generators.cdr import CdrConfig, cdr_files
+from ops.dbt import DBT_BIN, DBT_DIR, dbt_env
 from ops.logs import setup_logging
-from ops.settings import PROJECT_ROOT, StackSettings
-from ops.stack import SQL_DIR, free_port, running
+from ops.stack import SQL_DIR, throwaway
 
 log = logging.getLogger("bench.dbt_cdr")
 
-DBT_DIR = PROJECT_ROOT / "dbt"
-DBT_BIN = Path(sys.executable).parent / "dbt"
 SELECT = ["--select", "path:models/staging/cdr", "path:models/intermediate/cdr"]
 SELECT += ["path:models/marts/cdr"]
 END_OF_HISTORY = datetime(2024, 1, 6, 12, 0, 0)  # the new hour is 12:00-13:00, busy but not peak
@@ -62,22 +56,6 @@ def dbt(env: dict[str, str], *args: str) -> Timing:
     results = json.loads((Path(env["DBT_TARGET_PATH"]) / "run_results.json").read_text())
     per_model = {r["unique_id"].split(".")[-1]: r["execution_time"] for r in results["results"]}
     return Timing(wall, sum(per_model.values()), per_model)
-
-
-def dbt_env(settings: StackSettings, database: str, work_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WTC_", "DBT_"))}
-    env.update(
-        DBT_PROFILES_DIR=str(DBT_DIR),
-        DBT_TARGET_PATH=str(work_dir / database / "target"),
-        DBT_LOG_PATH=str(work_dir / database / "logs"),
-        DBT_SEND_ANONYMOUS_USAGE_STATS="false",
-        WTC_PG_HOST=settings.host,
-        WTC_PG_PORT=str(settings.pg_port),
-        WTC_PG_USER=settings.pg_user,
-        WTC_PG_PASSWORD=settings.pg_password,
-        WTC_PG_DBNAME=database,
-    )
-    return env
 
 
 def land(dsn: str, files: list[tuple[str, bytes]], landed_until: datetime | None) -> int:
@@ -129,44 +107,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    state_dir = Path(tempfile.mkdtemp(prefix="wtc-bench-"))
-    state_dir.chmod(0o755)
-    settings = StackSettings(
-        state_dir=state_dir,
-        pg_port=free_port(),
-        redis_port=free_port(),
-        sftp_port=free_port(),
-        api_port=free_port(),
-        docs_port=free_port(),
-    )
     hour_files = 24  # 12 windows of 5 minutes, a data and a voice file each
     sizes = {"small": args.hours, "large": args.hours * args.factor}
-    try:
-        with running(settings):
-            ddl = (SQL_DIR / "wtc_analytics.sql").read_text()
-            with psycopg.connect(settings.pg_dsn("postgres"), autocommit=True) as conn:
-                for name in sizes:
-                    conn.execute(f"create database bench_{name}")
-            full: dict[str, Timing] = {}
-            incremental: dict[str, Timing] = {}
-            rows: dict[str, tuple[int, int]] = {}
-            for name, hours in sizes.items():
-                dsn = settings.pg_dsn(f"bench_{name}")
-                with psycopg.connect(dsn, autocommit=True) as conn:
-                    conn.execute(ddl)
-                files = generated(hours, args.rows_per_file, args.subscribers)
-                history = land(dsn, files[:-hour_files], datetime.now(UTC) - timedelta(hours=1))
-                env = dbt_env(settings, f"bench_{name}", state_dir)
-                log.info("full build", extra={"history": name, "rows": history})
-                full[name] = dbt(env, "run", "--full-refresh", *SELECT)
-                new = land(dsn, files[-hour_files:], None)
-                rows[name] = (history, new)
+    with throwaway("wtc-bench-") as stack:
+        settings, state_dir = stack.s, stack.state
+        ddl = (SQL_DIR / "wtc_analytics.sql").read_text()
+        with psycopg.connect(settings.pg_dsn("postgres"), autocommit=True) as conn:
             for name in sizes:
-                env = dbt_env(settings, f"bench_{name}", state_dir)
-                log.info("incremental run", extra={"history": name})
-                incremental[name] = dbt(env, "run", *SELECT)
-    finally:
-        shutil.rmtree(state_dir, ignore_errors=True)
+                conn.execute(f"create database bench_{name}")
+        full: dict[str, Timing] = {}
+        incremental: dict[str, Timing] = {}
+        rows: dict[str, tuple[int, int]] = {}
+        for name, hours in sizes.items():
+            dsn = settings.pg_dsn(f"bench_{name}")
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(ddl)
+            files = generated(hours, args.rows_per_file, args.subscribers)
+            history = land(dsn, files[:-hour_files], datetime.now(UTC) - timedelta(hours=1))
+            env = dbt_env(settings, state_dir / name, f"bench_{name}")
+            log.info("full build", extra={"history": name, "rows": history})
+            full[name] = dbt(env, "run", "--full-refresh", *SELECT)
+            new = land(dsn, files[-hour_files:], None)
+            rows[name] = (history, new)
+        for name in sizes:
+            env = dbt_env(settings, state_dir / name, f"bench_{name}")
+            log.info("incremental run", extra={"history": name})
+            incremental[name] = dbt(env, "run", *SELECT)
 
     print(f"CDR models, realistic profile, {args.subscribers} subscribers")
     for name, hours in sizes.items():

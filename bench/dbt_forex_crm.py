@@ -18,14 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from datetime import datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import psycopg
 
@@ -34,9 +30,10 @@ from ingestion.cdr_landing import land_file, prepare_session
 from ingestion.generators.cdr import CdrConfig, cdr_files
 from ingestion.generators.crm import CrmConfig, run_crm
 from ingestion.generators.forex import ForexConfig, tick_messages
+from ops.dbt import dbt_env
 from ops.logs import setup_logging
-from ops.settings import PROJECT_ROOT, StackSettings
-from ops.stack import free_port, running
+from ops.settings import PROJECT_ROOT
+from ops.stack import throwaway
 
 log = logging.getLogger("bench.dbt_forex_crm")
 
@@ -69,31 +66,14 @@ CONTENTS = {
 
 def land_ticks(dsn: str, hours: float, split: datetime) -> tuple[list[tuple], int]:
     """COPY the ticks before `split` into forex_data.ticks; return the rest and the count landed."""
-    later, landed = [], 0
+    before, later = [], []
     config = ForexConfig(seed=0, start=START, duration=timedelta(hours=hours))
-    with (
-        psycopg.connect(dsn) as conn,
-        conn.cursor().copy(
-            "copy forex_data.ticks (pair_name, tick_ts, bid_price, ask_price, spread, source) "
-            "from stdin"
-        ) as copy,
-    ):
-        for _key, value in tick_messages(config):
-            t = json.loads(value, parse_float=Decimal)
-            row = (
-                t["pair_name"],
-                t["timestamp"],
-                t["bid_price"],
-                t["ask_price"],
-                t["spread"],
-                "bench",
-            )
-            if datetime.fromisoformat(t["timestamp"]) < split:
-                copy.write_row(row)
-                landed += 1
-            else:
-                later.append(row)
-    return later, landed
+    for _key, value in tick_messages(config):
+        t = json.loads(value, parse_float=Decimal)
+        row = (t["pair_name"], t["timestamp"], t["bid_price"], t["ask_price"], t["spread"], "bench")
+        (before if datetime.fromisoformat(t["timestamp"]) < split else later).append(row)
+    copy_ticks(dsn, before)
+    return later, len(before)
 
 
 def copy_ticks(dsn: str, rows: list[tuple]) -> None:
@@ -171,69 +151,53 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     split = START + timedelta(hours=args.hours - 1)
 
-    state_dir = Path(tempfile.mkdtemp(prefix="wtc-bench-fx-"))
-    state_dir.chmod(0o755)
-    settings = StackSettings(
-        state_dir=state_dir, pg_port=free_port(), redis_port=free_port(), sftp_port=free_port()
-    )
     timings: dict[str, Timing] = {}
-    try:
-        with running(settings):
-            dsn = settings.analytics_dsn
-            env = {
-                **{k: v for k, v in os.environ.items() if not k.startswith(("WTC_", "DBT_"))},
-                "WTC_ANALYTICS_DSN": dsn,
-                "WTC_PROD_DSN": settings.prod_dsn,
-                "WTC_PG_HOST": settings.host,
-                "WTC_PG_PORT": str(settings.pg_port),
-                "WTC_PG_USER": settings.pg_user,
-                "WTC_PG_PASSWORD": settings.pg_password,
-                "DBT_PROFILES_DIR": str(PROJECT_ROOT / "dbt"),
-                "DBT_TARGET_PATH": str(state_dir / "dbt-target"),
-                "DBT_LOG_PATH": str(state_dir / "dbt-logs"),
-            }
-            log.info("landing %d hours of ticks, CDR files and CRM changes", args.hours - 1)
-            later_ticks, ticks = land_ticks(dsn, args.hours, split)
-            cdr = list(cdr_files(CdrConfig(seed=0, duration=timedelta(hours=args.hours))))
-            window_of = {name: datetime.strptime(name[-19:-4], "%Y%m%d_%H%M%S") for name, _ in cdr}
-            land_cdr(dsn, [f for f in cdr if window_of[f[0]] < split])
-            capture_crm(env)  # the slot and its (empty) snapshot
-            history_txns = int((args.hours - 1) * 3600 / SECONDS_PER_CRM_TRANSACTION)
-            crm = CrmConfig(seed=0, transactions=history_txns, delete_rate=args.delete_rate)
-            run_crm(crm, settings.prod_dsn)
-            capture_crm(env)
-            date_back(dsn, args.hours - 1)
-            dbt(env, "run", *UPSTREAM)
-            timings["forex full build"] = dbt(env, "run", "--full-refresh", *FOREX)
-            timings["crm full build"] = dbt(env, "run", "--full-refresh", *CRM)
+    with throwaway("wtc-bench-fx-") as stack:
+        settings, state_dir = stack.s, stack.state
+        dsn = settings.analytics_dsn
+        env = {
+            **dbt_env(settings, state_dir / "dbt"),
+            "WTC_ANALYTICS_DSN": dsn,
+            "WTC_PROD_DSN": settings.prod_dsn,
+        }
+        log.info("landing %d hours of ticks, CDR files and CRM changes", args.hours - 1)
+        later_ticks, ticks = land_ticks(dsn, args.hours, split)
+        cdr = list(cdr_files(CdrConfig(seed=0, duration=timedelta(hours=args.hours))))
+        window_of = {name: datetime.strptime(name[-19:-4], "%Y%m%d_%H%M%S") for name, _ in cdr}
+        land_cdr(dsn, [f for f in cdr if window_of[f[0]] < split])
+        capture_crm(env)  # the slot and its (empty) snapshot
+        history_txns = int((args.hours - 1) * 3600 / SECONDS_PER_CRM_TRANSACTION)
+        crm = CrmConfig(seed=0, transactions=history_txns, delete_rate=args.delete_rate)
+        run_crm(crm, settings.prod_dsn)
+        capture_crm(env)
+        date_back(dsn, args.hours - 1)
+        dbt(env, "run", *UPSTREAM)
+        timings["forex full build"] = dbt(env, "run", "--full-refresh", *FOREX)
+        timings["crm full build"] = dbt(env, "run", "--full-refresh", *CRM)
 
-            log.info("landing the last hour")
-            copy_ticks(dsn, later_ticks)
-            land_cdr(dsn, [f for f in cdr if window_of[f[0]] >= split])
-            hour_txns = int(3600 / SECONDS_PER_CRM_TRANSACTION)
-            run_crm(
-                CrmConfig(
-                    seed=1, transactions=hour_txns, start=split, delete_rate=args.delete_rate
-                ),
-                settings.prod_dsn,
-            )
-            capture_crm(env)
-            dbt(env, "run", *UPSTREAM)
-            timings["forex one-hour incremental"] = dbt(env, "run", *FOREX)
-            timings["crm one-hour incremental"] = dbt(env, "run", *CRM)
-            incremental = contents(dsn)
-            timings["forex full refresh after"] = dbt(env, "run", "--full-refresh", *FOREX)
-            timings["crm full refresh after"] = dbt(env, "run", "--full-refresh", *CRM)
-            refreshed = contents(dsn)
-            with psycopg.connect(dsn) as conn:
-                changes, rows = conn.execute(
-                    "select (select count(*) from crm_data.accounts_changes)"
-                    " + (select count(*) from crm_data.addresses_changes)"
-                    " + (select count(*) from crm_data.devices_changes),"
-                    " (select count(*) from prepared_layers.crm_balance_hourly)"
-                ).fetchone()
-    finally:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        log.info("landing the last hour")
+        copy_ticks(dsn, later_ticks)
+        land_cdr(dsn, [f for f in cdr if window_of[f[0]] >= split])
+        hour_txns = int(3600 / SECONDS_PER_CRM_TRANSACTION)
+        run_crm(
+            CrmConfig(seed=1, transactions=hour_txns, start=split, delete_rate=args.delete_rate),
+            settings.prod_dsn,
+        )
+        capture_crm(env)
+        dbt(env, "run", *UPSTREAM)
+        timings["forex one-hour incremental"] = dbt(env, "run", *FOREX)
+        timings["crm one-hour incremental"] = dbt(env, "run", *CRM)
+        incremental = contents(dsn)
+        timings["forex full refresh after"] = dbt(env, "run", "--full-refresh", *FOREX)
+        timings["crm full refresh after"] = dbt(env, "run", "--full-refresh", *CRM)
+        refreshed = contents(dsn)
+        with psycopg.connect(dsn) as conn:
+            changes, rows = conn.execute(
+                "select (select count(*) from crm_data.accounts_changes)"
+                " + (select count(*) from crm_data.addresses_changes)"
+                " + (select count(*) from crm_data.devices_changes),"
+                " (select count(*) from prepared_layers.crm_balance_hourly)"
+            ).fetchone()
 
     print(
         f"\nforex and CRM marts on {args.hours} h: {ticks + len(later_ticks)} ticks, "

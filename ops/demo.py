@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.auth import hash_password
+from ops.dbt import DBT_BIN, DBT_DIR, connection_env
 from ops.logs import setup_logging
 from ops.settings import PROJECT_ROOT, StackSettings
 from ops.stack import Stack, StackError, port_open, wait_until
@@ -37,8 +38,6 @@ from ops.stack import Stack, StackError, port_open, wait_until
 log = logging.getLogger("ops.demo")
 
 PY = sys.executable
-DBT = str(Path(PY).parent / "dbt")
-DBT_DIR = PROJECT_ROOT / "dbt"
 DEV_API_USER = "wtc"
 DEV_API_PASSWORD = "wtc-dev"  # development default for the local demo only (see README)
 
@@ -74,11 +73,7 @@ def demo_env(s: StackSettings) -> dict[str, str]:
         "API_USER": api_user,
         "API_PASSWORD": api_password,
         "DBT_DOCS_URL": f"http://{s.host}:{s.docs_port}",
-        "WTC_PG_HOST": s.host,
-        "WTC_PG_PORT": str(s.pg_port),
-        "WTC_PG_USER": s.pg_user,
-        "WTC_PG_PASSWORD": s.pg_password,
-        "DBT_PROFILES_DIR": str(DBT_DIR),
+        **connection_env(s),
     }
 
 
@@ -185,12 +180,12 @@ def start_live(stack: Stack, env: dict[str, str]) -> None:
 
 
 def build_warehouse(stack: Stack, env: dict[str, str]) -> None:
-    run("dbt build (prepared layers and their tests)", [DBT, "build"], env, cwd=DBT_DIR)
+    run("dbt build (prepared layers and their tests)", [str(DBT_BIN), "build"], env, cwd=DBT_DIR)
     serve_docs(stack, env)
 
 
 def serve_docs(stack: Stack, env: dict[str, str]) -> None:
-    run("dbt docs generate", [DBT, "docs", "generate"], env, cwd=DBT_DIR)
+    run("dbt docs generate", [str(DBT_BIN), "docs", "generate"], env, cwd=DBT_DIR)
     stack.start_process(
         "dbt_docs",
         [

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -498,13 +499,38 @@ class Stack:
 
 @contextlib.contextmanager
 def running(settings: StackSettings) -> Iterator[Stack]:
-    """A started, bootstrapped stack that is stopped on exit (used by the tests)."""
+    """A started, bootstrapped stack that is stopped on exit."""
     stack = Stack(settings)
     try:
         stack.start()
         yield stack
     finally:
         stack.stop()
+
+
+def scratch_settings(state_dir: Path) -> StackSettings:
+    """Settings for a stack of its own in `state_dir`, every port a free one."""
+    return StackSettings(
+        state_dir=state_dir,
+        pg_port=free_port(),
+        redis_port=free_port(),
+        sftp_port=free_port(),
+        api_port=free_port(),
+        docs_port=free_port(),
+    )
+
+
+@contextlib.contextmanager
+def throwaway(prefix: str = "wtc-") -> Iterator[Stack]:
+    """A started stack on free ports in a new temporary folder, stopped and removed on exit
+    (the tests' and the benchmarks' servers)."""
+    state_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    state_dir.chmod(0o755)  # mkdtemp's folders are private; the service users must traverse it
+    try:
+        with running(scratch_settings(state_dir)) as stack:
+            yield stack
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ creates exactly the contract's tables, and the servers bind to loopback only."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,8 +12,7 @@ import psycopg
 import pytest
 import redis
 
-from ops.stack import Stack, alive, port_open
-from tests.fixtures.servers import stack_settings
+from ops.stack import Stack, alive, port_open, scratch_settings
 
 PROD_TABLES = {
     ("crm_system", "accounts"): [
@@ -154,7 +154,7 @@ def test_nothing_binds_beyond_loopback(stack):
 def test_start_and_stop_are_idempotent_and_leave_nothing_behind():
     state_dir = Path(tempfile.mkdtemp(prefix="wtc-stack-"))
     state_dir.chmod(0o755)
-    settings = stack_settings(state_dir)
+    settings = scratch_settings(state_dir)
     stack = Stack(settings)
     try:
         stack.start()
@@ -173,3 +173,4 @@ def test_start_and_stop_are_idempotent_and_leave_nothing_behind():
         assert not alive(pid), pid
     for port in (settings.pg_port, settings.redis_port, settings.sftp_port):
         assert not port_open("127.0.0.1", port)
+    shutil.rmtree(state_dir)
