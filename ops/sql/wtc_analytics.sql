@@ -16,11 +16,11 @@ create table if not exists cdr_data.files (
     rows_rejected integer not null,
     first_event_at timestamp,
     last_event_at timestamp,
-    loaded_at timestamptz not null default now()
+    loaded_at timestamptz not null default now(),
+    -- when the CDR loader published the file's rows to the stream (null: not yet, or landed by
+    -- Kafka Connect, which does not publish)
+    published_at timestamptz
 );
--- When the CDR loader published the file's rows to the stream (NULL: not yet; Kafka Connect
--- leaves it NULL). Added after the first release, hence the alter.
-alter table cdr_data.files add column if not exists published_at timestamptz;
 
 create table if not exists cdr_data.data_records (
     source_file text not null,
@@ -90,6 +90,8 @@ create table if not exists forex_data.rejected_messages (
     reason text not null,
     rejected_at timestamptz not null default now()
 );
+-- the tick sink looks up whether a redelivered message was already rejected
+create index if not exists rejected_messages_source_idx on forex_data.rejected_messages (source);
 
 -- CRM change log (Debezium ExtractNewRecordState with add.fields=op,lsn,source.ts_ms) ---------
 create table if not exists crm_data.accounts_changes (
