@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +35,11 @@ from typing import Any
 
 import orjson
 import redis
+
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # pragma: no cover - hiredis is a dependency
+    _pack_command = None
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from api import keys as K
@@ -70,58 +75,96 @@ PENDING_HOURS = Gauge("hvs_wak_pending_hours", "Usage hours whose WAK cost waits
 
 # --------------------------------------------------------------------------------- Lua script
 
-# ARGV[1]: JSON {"ttl": seconds, "bits": [[bitmap key, offset, ...], ...],
-#   "incr": [[hash key, field, n, field, n, ...], ...], "sadd": [[set key, member], ...]}
-# Returns the 1-based positions (in "bits" order) of bits already set; if there is any, nothing
-# was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
+# One flat ARGV list, no JSON (decoding JSON in Lua cost as much as the increments):
+#   ttl,
+#   nfiles, then per bitmap: key, nruns, first, last, ... (runs of consecutive offsets),
+#   nhashes, then per hash: key, nfields, field, n, ...,
+#   nsets, then per member: set key, member.
+# A run is checked with one BITCOUNT and set with SETRANGE (whole bytes) and SETBIT (its ends);
+# single offsets are checked and set with one BITFIELD per bitmap. Returns, for the bits that
+# were set already, `bitmap number, offset` pairs (1-based bitmap number, in ARGV order); if
+# there is any, nothing was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
 APPLY_LUA = """
-local p = cjson.decode(ARGV[1])
-local ttl = p.ttl
-local dups = {}
-local base = 0
-for _, b in ipairs(p.bits) do
-  local key, n = b[1], #b
-  local i = 2
-  while i <= n do
-    local last = math.min(i + 999, n)
+local ttl = ARGV[1]
+local nfiles = tonumber(ARGV[2])
+local dups, files = {}, {}
+local i = 3
+local function getbits(key, f, offs)
+  local n = #offs
+  for s = 1, n, 1000 do
     local args = {}
-    for j = i, last do
-      args[#args + 1] = 'GET'; args[#args + 1] = 'u1'; args[#args + 1] = b[j]
+    for j = s, math.min(s + 999, n) do
+      args[#args + 1] = 'GET'; args[#args + 1] = 'u1'; args[#args + 1] = offs[j]
     end
     local got = redis.call('BITFIELD', key, unpack(args))
     for k = 1, #got do
-      if got[k] == 1 then dups[#dups + 1] = base + i - 2 + k end
+      if got[k] == 1 then dups[#dups + 1] = f; dups[#dups + 1] = offs[s + k - 1] end
     end
-    i = last + 1
   end
-  base = base + n - 1
+end
+for f = 1, nfiles do
+  local key, nruns = ARGV[i], tonumber(ARGV[i + 1])
+  local singles, runs = {}, {}
+  i = i + 2
+  for _ = 1, nruns do
+    local a, b = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+    i = i + 2
+    if a == b then
+      singles[#singles + 1] = a
+    else
+      runs[#runs + 1] = a; runs[#runs + 1] = b
+      if redis.call('BITCOUNT', key, a, b, 'BIT') > 0 then
+        local offs = {}
+        for o = a, b do offs[#offs + 1] = o end
+        getbits(key, f, offs)
+      end
+    end
+  end
+  getbits(key, f, singles)
+  files[f] = {key, singles, runs}
 end
 if #dups > 0 then return dups end
-for _, b in ipairs(p.bits) do
-  local key, n = b[1], #b
-  local i = 2
-  while i <= n do
-    local last = math.min(i + 999, n)
+for _, file in ipairs(files) do
+  local key, singles, runs = file[1], file[2], file[3]
+  local n = #singles
+  for s = 1, n, 1000 do
     local args = {}
-    for j = i, last do
-      args[#args + 1] = 'SET'; args[#args + 1] = 'u1'; args[#args + 1] = b[j]
+    for j = s, math.min(s + 999, n) do
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u1'; args[#args + 1] = singles[j]
       args[#args + 1] = 1
     end
     redis.call('BITFIELD', key, unpack(args))
-    i = last + 1
+  end
+  for r = 1, #runs, 2 do
+    local a, b = runs[r], runs[r + 1]
+    local first, last = math.floor((a + 7) / 8), math.floor((b + 1) / 8) - 1
+    if first > last then
+      for o = a, b do redis.call('SETBIT', key, o, 1) end
+    else
+      for o = a, first * 8 - 1 do redis.call('SETBIT', key, o, 1) end
+      redis.call('SETRANGE', key, first, string.rep('\\255', last - first + 1))
+      for o = (last + 1) * 8, b do redis.call('SETBIT', key, o, 1) end
+    end
   end
   redis.call('EXPIRE', key, ttl)
 end
-for _, h in ipairs(p.incr) do
-  local key = h[1]
-  for j = 2, #h, 2 do
-    redis.call('HINCRBY', key, h[j], h[j + 1])
+local nhashes = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, nhashes do
+  local key, nfields = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, nfields do
+    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+    i = i + 2
   end
   redis.call('EXPIRE', key, ttl)
 end
-for _, m in ipairs(p.sadd) do
-  redis.call('SADD', m[1], m[2])
-  redis.call('EXPIRE', m[1], ttl)
+local nsets = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, nsets do
+  redis.call('SADD', ARGV[i], ARGV[i + 1])
+  redis.call('EXPIRE', ARGV[i], ttl)
+  i = i + 2
 end
 return dups
 """
@@ -221,10 +264,9 @@ _TYPE_OK: set[str] = set()
 
 
 def _usage_type(obj: dict, name: str) -> str:
-    v = obj.get(name)
+    v = _text(obj, name)
     if v in _TYPE_OK:
         return v
-    v = _text(obj, name)
     if not (len(v) <= 32 and v.isascii() and v.replace("_", "").isalnum()):
         raise BadEvent(f"{name} must be a short word, got {v!r}")
     if len(_TYPE_OK) < 256:
@@ -232,23 +274,30 @@ def _usage_type(obj: dict, name: str) -> str:
     return v
 
 
-def decode_cdr(msg: Message, category: str | None = None) -> CdrEvent:
-    """The one place that knows the CDR event encoding: a JSON object of the typed raw row
-    (columns of cdr_data.data_records / voice_records) plus `event_id` = `source_file:line_no`
-    and optionally `loaded_at`."""
-    category = category or _DATA_TOPICS.get(msg.topic)
-    if category is None:
-        raise BadEvent(f"not a CDR topic: {msg.topic!r}")
+def _load_object(value: bytes) -> dict:
     try:
-        obj = orjson.loads(msg.value)
+        obj = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise BadEvent(f"value is not JSON: {exc}") from None
     if type(obj) is not dict:
         raise BadEvent("value is not a JSON object")
+    return obj
+
+
+CdrRow = tuple[str, str, str, str, int, int, int, str, str, int]
+"""A checked CDR event: (msisdn, day, category, usage_type, up, down, seconds, hour,
+source_file, line_no); `day` is YYYYmmdd, `hour` YYYYmmddHH."""
+
+_fromisoformat = datetime.fromisoformat
+
+
+def cdr_row(obj: dict, category: str) -> CdrRow:
+    """The checked fields of a decoded CDR event object (`category` 'data' or 'call'); raises
+    BadEvent with the reason. The consumer's per-event path: plain tuples, few calls."""
     msisdn = obj.get("msisdn")
-    if not (type(msisdn) is str and 0 < len(msisdn) <= 15 and msisdn.isascii()):
-        raise BadEvent(f"msisdn must be up to 15 digits, got {msisdn!r}")
-    if not msisdn.isdigit():
+    if not (
+        type(msisdn) is str and 0 < len(msisdn) <= 15 and msisdn.isascii() and msisdn.isdigit()
+    ):
         raise BadEvent(f"msisdn must be up to 15 digits, got {msisdn!r}")
     source_file, sep, line = _text(obj, "event_id").rpartition(":")
     if not (sep and source_file and line.isascii() and line.isdigit()):
@@ -261,23 +310,46 @@ def decode_cdr(msg: Message, category: str | None = None) -> CdrEvent:
         if type(down) is not int or down < 0:
             down = _count(obj, "down_bytes")
         seconds = 0
-        usage_type = _usage_type(obj, "data_type")
+        usage_type = obj.get("data_type")
+        if type(usage_type) is not str or usage_type not in _TYPE_OK:
+            usage_type = _usage_type(obj, "data_type")
         when = "event_datetime"
     else:
         up = down = 0
         seconds = obj.get("call_duration_sec")
         if type(seconds) is not int or seconds < 0:
             seconds = _count(obj, "call_duration_sec")
-        usage_type = _usage_type(obj, "call_type")
+        usage_type = obj.get("call_type")
+        if type(usage_type) is not str or usage_type not in _TYPE_OK:
+            usage_type = _usage_type(obj, "call_type")
         when = "start_time"
     v = obj.get(when)
-    ts = _when(obj, when)  # validates; the publisher's form is sliced below (cheaper)
+    try:
+        ts = _fromisoformat(v)
+    except (TypeError, ValueError):
+        ts = None
+    if ts is None or ts.tzinfo is not None:
+        ts = _when(obj, when)  # raises with the reason
     if len(v) >= 19 and v[4] == "-" and v[7] == "-" and v[13] == ":":
-        day = v[0:4] + v[5:7] + v[8:10]
+        day = v[0:4] + v[5:7] + v[8:10]  # the publisher's form: slicing is cheaper
         hour = day + v[11:13]
     else:
         day = f"{ts.year:04d}{ts.month:02d}{ts.day:02d}"
         hour = f"{day}{ts.hour:02d}"
+    return (msisdn, day, category, usage_type, up, down, seconds, hour, source_file, int(line))
+
+
+def decode_cdr(msg: Message, category: str | None = None) -> CdrEvent:
+    """The one place that knows the CDR event encoding: a JSON object of the typed raw row
+    (columns of cdr_data.data_records / voice_records) plus `event_id` = `source_file:line_no`
+    and optionally `loaded_at` (see `cdr_row`, `landed_at`)."""
+    category = category or _DATA_TOPICS.get(msg.topic)
+    if category is None:
+        raise BadEvent(f"not a CDR topic: {msg.topic!r}")
+    obj = _load_object(msg.value)
+    msisdn, day, category, usage_type, up, down, seconds, hour, source_file, line_no = cdr_row(
+        obj, category
+    )
     return CdrEvent(
         msisdn,
         category,
@@ -288,7 +360,7 @@ def decode_cdr(msg: Message, category: str | None = None) -> CdrEvent:
         day,
         hour,
         source_file,
-        int(line),
+        line_no,
         landed_at(obj, msg.headers, msg.position),
     )
 
@@ -472,11 +544,53 @@ class BatchResult:
     ticks: int = 0
 
 
+@dataclass(slots=True)
+class Built:
+    """A batch's Redis work, in the script's terms (see APPLY_LUA)."""
+
+    bits: dict[str, dict[int, int]]  # bitmap key -> {offset: item number}
+    incr: list[str | int]  # per hash: key, number of fields, field, n, field, n, ...
+    hashes: int
+    sadd: list[tuple[str, str]]
+    hours: set[str]  # hours with WAK pending
+
+
 @dataclass
 class Prepared:
-    events: list[CdrEvent]
-    built: tuple | None
+    rows: list[CdrRow]
+    built: Built | None
     result: BatchResult
+    landed: dict[str, float]  # source file -> when it landed (its first event in the batch)
+
+
+_NO_RATE_YET = -1
+_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def _fields(category: str, usage_type: str) -> tuple[str, ...]:
+    """The usage fields (ev, up, dn, by, s, zar, wak, zp) of one category and usage type."""
+    names = _FIELDS.get((category, usage_type))
+    if names is None:
+        metrics = (K.EVENTS, K.UP, K.DOWN, K.BYTES, K.SECONDS, K.ZAR, K.WAK, K.ZAR_PENDING)
+        names = tuple(K.usage_field(category, usage_type, m) for m in metrics)
+        if len(_FIELDS) < 1024:
+            _FIELDS[(category, usage_type)] = names
+    return names
+
+
+def _runs(offsets: list[int]) -> list[int]:
+    """[first, last, first, last, ...] of the runs of consecutive values in sorted `offsets`."""
+    if offsets[-1] - offsets[0] == len(offsets) - 1:  # one run (a file's lines in order)
+        return [offsets[0], offsets[-1]]
+    out = []
+    start = prev = offsets[0]
+    for o in offsets:
+        if o > prev + 1:
+            out += (start, prev)
+            start = o
+        prev = o
+    out += (start, prev)
+    return out
 
 
 class Hvs:
@@ -507,44 +621,67 @@ class Hvs:
 
     def _run_script(
         self,
-        bits: dict[str, list[tuple[int, int]]],
-        incr: dict[str, list[str | int]],
-        sadd: Iterable[tuple[str, str]] = (),
+        bits: dict[str, dict[int, int]],
+        hashes: int,
+        incr: list[str | int],
+        sadd: Sequence[tuple[str, str]] = (),
     ) -> set[int]:
         """Apply atomically unless a bit is set already; the item numbers whose bits were set.
 
-        `bits`: bitmap key -> [(offset, item number)]; `incr`: hash key -> [field, n, ...].
+        `bits`: bitmap key -> {offset: item number}; `incr`: `hashes` times key, number of
+        fields, field, n, ...
         """
-        order: list[int] = []
-        bit_rows = []
-        for key, offs in bits.items():
-            bit_rows.append([key, *(o for o, _ in offs)])
-            order += (item for _, item in offs)
-        payload = orjson.dumps(
-            {
-                "ttl": self._ttl,
-                "bits": bit_rows,
-                "incr": [[key, *fv] for key, fv in incr.items()],
-                "sadd": [list(m) for m in sadd],
-            }
-        )
-        return {order[int(i) - 1] for i in self._apply(args=[payload])}
+        args: list[str | int] = [self._ttl, len(bits)]
+        for key, offsets in bits.items():
+            runs = _runs(sorted(offsets))
+            args += (key, len(runs) // 2, *runs)
+        args.append(hashes)
+        args += incr
+        args.append(len(sadd))
+        for member in sadd:
+            args += member
+        got = self._call_script(args)
+        if not got:
+            return set()
+        maps = list(bits.values())
+        return {maps[int(got[j]) - 1][int(got[j + 1])] for j in range(0, len(got), 2)}
+
+    def _call_script(self, args: list[str | int]) -> Any:
+        """EVALSHA of APPLY_LUA, packed by hiredis in one call: redis-py's packing inspects every
+        argument in Python (tens of thousands per batch). Falls back to redis-py without
+        hiredis, or to load the script (NOSCRIPT)."""
+        if _pack_command is None:
+            return self._apply(args=args)
+        packed = _pack_command((b"EVALSHA", self._apply.sha, 0, *args))
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command((packed,))
+            return conn.read_response()
+        except redis.exceptions.NoScriptError:
+            self._apply.sha = self.redis.script_load(APPLY_LUA)
+            return self._apply(args=args)
+        except BaseException:
+            conn.disconnect()  # a reply may still be on its way: never reuse the connection
+            raise
+        finally:
+            pool.release(conn)
 
     def apply_ticks(self, ticks: list[TickEvent]) -> tuple[int, int]:
         """Apply ticks exactly once; (applied, duplicates)."""
         dups = 0
         while ticks:
-            bits: dict[str, list[tuple[int, int]]] = {}
+            bits: dict[str, dict[int, int]] = {}
             sums: dict[str, int] = {}
             for i, t in enumerate(ticks):
-                bits.setdefault(K.fx_seen_key(t.pair, t.hour), []).append((t.slot, i))
+                bits.setdefault(K.fx_seen_key(t.pair, t.hour), {})[t.slot] = i
                 fs, fn = K.fx_field(t.hour, t.pair, "s"), K.fx_field(t.hour, t.pair, "n")
                 sums[fs] = sums.get(fs, 0) + t.price_sum
                 sums[fn] = sums.get(fn, 0) + 1
-            fx: list[str | int] = []
+            fx: list[str | int] = [K.FX_KEY, len(sums)]
             for f, v in sums.items():
-                fx += (f, str(v))
-            seen = self._run_script(bits, {K.FX_KEY: fx})
+                fx += (f, v)
+            seen = self._run_script(bits, 1, fx)
             if not seen:
                 break
             dups += len(seen)
@@ -556,77 +693,93 @@ class Hvs:
             self.redis.hdel(K.FX_KEY, *gone)
         return len(ticks), dups
 
-    def build(self, events: list[CdrEvent]) -> tuple[dict, dict, list, set[str]]:
-        """(bits, increments, set members, hours with WAK pending) of a batch of events."""
-        groups: dict[tuple[str, str, str], list[int]] = {}
-        pending: dict[tuple[str, str, str, str], int] = {}
-        bits: dict[str, list[tuple[int, int]]] = {}
-        by_file: dict[str, list[tuple[int, int]]] = {}
+    def build(self, rows: list[CdrRow], lines: dict[str, dict[int, int]] | None = None) -> Built:
+        """The Redis work of a batch of distinct events: one HINCRBY per usage field touched.
+
+        `lines`: source file -> {line_no: index in `rows`}, if the caller has it already.
+        """
+        groups: dict[tuple[str, str, str, str], list[int]] = {}
+        pending: dict[tuple[str, str, str, str, str], int] = {}
+        rate_of: dict[str, int | None] = {}
         rates = self.rates
-        data_units, call_units, wak = data_zar_units, call_zar_units, wak_units
-        for i, e in enumerate(events):
-            b = by_file.get(e.source_file)
-            if b is None:
-                b = by_file[e.source_file] = []
-            b.append((e.line_no, i))
-            key = K.usage_key(e.msisdn, e.day)
-            zar = data_units(e.up + e.down) if e.category == "data" else call_units(e.seconds)
-            rate = rates.rate(e.hour)
-            gk = (key, e.category, e.usage_type)
+        per_byte, call_units = _DATA_UNITS_PER_BYTE, call_zar_units
+        scale = 10**K.MONEY_SCALE
+        if lines is None:
+            lines = {}
+            for i, row in enumerate(rows):
+                seen = lines.get(row[8])
+                if seen is None:
+                    seen = lines[row[8]] = {}
+                seen[row[9]] = i
+        for msisdn, day, category, usage_type, up, down, seconds, hour, _f, _n in rows:
+            if category == "data":
+                total = up + down
+                zar = total * per_byte if per_byte is not None else data_zar_units(total)
+            else:
+                zar = call_units(seconds)
+            gk = (msisdn, day, category, usage_type)
             acc = groups.get(gk)
             if acc is None:
-                acc = groups[gk] = [0, 0, 0, 0, 0, 0, 0]
-            acc[0] += 1
-            acc[1] += e.up
-            acc[2] += e.down
-            acc[3] += e.seconds
-            acc[4] += zar
+                acc = groups[gk] = [1, up, down, seconds, zar, 0, 0]
+            else:
+                acc[0] += 1
+                acc[1] += up
+                acc[2] += down
+                acc[3] += seconds
+                acc[4] += zar
+            rate = rate_of.get(hour, _NO_RATE_YET)
+            if rate == _NO_RATE_YET:
+                rate = rate_of[hour] = rates.rate(hour)
             if rate is None:
                 acc[6] += zar
-                pk = (e.hour, key, e.category, e.usage_type)
+                pk = (hour, msisdn, day, category, usage_type)
                 pending[pk] = pending.get(pk, 0) + zar
-            else:
-                acc[5] += wak(zar, rate)
-        for source_file, b in by_file.items():
-            bits[K.seen_key(source_file)] = b
-        incr: dict[str, list[str | int]] = {}
-        for (key, category, usage_type), (ev, up, dn, s, zar, wk, zp) in groups.items():
-            p = f"{category}:{usage_type}:"
-            fv = incr.get(key)
-            if fv is None:
-                fv = incr[key] = []
-            fv += (p + K.EVENTS, str(ev))
+            else:  # wak_units(zar, rate), inlined: rounded once per event
+                q, r = divmod(zar * scale, rate)
+                acc[5] += q + 1 if 2 * r >= rate else q
+        incr: list[str | int] = []
+        add = incr.extend
+        for (msisdn, day, category, usage_type), (ev, up, dn, s, zar, wk, zp) in groups.items():
+            f = _fields(category, usage_type)
+            key = K.usage_key(msisdn, day)
+            n = 3 + (wk != 0) + (zp != 0)
             if category == "data":
-                fv += (p + K.UP, str(up), p + K.DOWN, str(dn), p + K.BYTES, str(up + dn))
+                add((key, n + 2, f[0], ev, f[1], up, f[2], dn, f[3], up + dn, f[5], zar))
             else:
-                fv += (p + K.SECONDS, str(s))
-            fv += (p + K.ZAR, str(zar))
+                add((key, n, f[0], ev, f[4], s, f[5], zar))
             if wk:
-                fv += (p + K.WAK, str(wk))
+                add((f[6], wk))
             if zp:
-                fv += (p + K.ZAR_PENDING, str(zp))
-        sadd = []
-        hours = set()
-        for (hour, key, category, usage_type), zar in pending.items():
-            fv = incr.setdefault(K.pending_key(hour), [])
-            fv += (K.pending_field(key, category, usage_type), str(zar))
-            if hour not in hours:
+                add((f[7], zp))
+        hashes = len(groups)
+        sadd: list[tuple[str, str]] = []
+        hours: set[str] = set()
+        if pending:
+            by_hour: dict[str, list[str | int]] = {}
+            for (hour, msisdn, day, category, usage_type), zar in pending.items():
+                field = K.pending_field(K.usage_key(msisdn, day), category, usage_type)
+                by_hour.setdefault(hour, []).extend((field, zar))
+            for hour, fv in by_hour.items():
+                add((K.pending_key(hour), len(fv) // 2, *fv))
                 hours.add(hour)
                 sadd.append((K.PENDING_INDEX, hour))
-        return bits, incr, sadd, hours
+            hashes += len(by_hour)
+        bits = {K.seen_key(source_file): offsets for source_file, offsets in lines.items()}
+        return Built(bits, incr, hashes, sadd, hours)
 
-    def apply_events(self, events: list[CdrEvent], built: tuple | None = None) -> tuple[int, int]:
-        """Apply CDR events exactly once; (applied, duplicates). `built`: `build(events)`."""
+    def apply_events(self, rows: list[CdrRow], built: Built | None = None) -> tuple[int, int]:
+        """Apply CDR events (distinct) exactly once; (applied, duplicates). `built`:
+        `build(rows)`."""
         dups = 0
-        while events:
-            bits, incr, sadd, _hours = built or self.build(events)
-            built = None
-            seen = self._run_script(bits, incr, sadd)
+        while rows:
+            built = built or self.build(rows)
+            seen = self._run_script(built.bits, built.hashes, built.incr, built.sadd)
             if not seen:
                 break
             dups += len(seen)
-            events = [e for i, e in enumerate(events) if i not in seen]
-        return len(events), dups
+            rows = [row for i, row in enumerate(rows) if i not in seen]
+            built = None
+        return len(rows), dups
 
     def price_pending(self) -> int:
         """Convert waiting ZAR to WAK for hours that have a rate now; the hours converted."""
@@ -684,23 +837,48 @@ class Hvs:
         pending WAK that has a rate now, and build the events' increments."""
         res = BatchResult()
         ticks: dict[tuple[str, str, int], TickEvent] = {}
-        events: dict[tuple[str, int], CdrEvent] = {}
+        rows: list[CdrRow] = []
+        lines: dict[str, dict[int, int]] = {}  # source file -> {line_no: index in rows}
+        landed: dict[str, float] = {}
         tick_topic = self.settings.tick_topic
         topics = self._topics
+        loads, decode_error, row_of = orjson.loads, orjson.JSONDecodeError, cdr_row
         for m in messages:
+            topic = m.topic
             try:
-                if m.topic == tick_topic:
+                if topic == tick_topic:
                     t = decode_tick(m)
                     if ticks.setdefault((t.pair, t.hour, t.slot), t) is not t:
                         res.duplicates += 1
-                else:
-                    e = decode_cdr(m, topics.get(m.topic))
-                    if events.setdefault((e.source_file, e.line_no), e) is not e:
-                        res.duplicates += 1
+                    continue
+                category = topics.get(topic) or _DATA_TOPICS.get(topic)
+                if category is None:
+                    raise BadEvent(f"not a CDR topic: {topic!r}")
+                try:
+                    obj = loads(m.value)
+                except decode_error:
+                    obj = None
+                if type(obj) is not dict:
+                    obj = _load_object(m.value)  # raises with the reason
+                row = row_of(obj, category)
             except BadEvent as exc:
                 self.reject(m, str(exc))
                 res.rejected += 1
-                EVENTS.labels(m.topic, "rejected").inc()
+                EVENTS.labels(topic, "rejected").inc()
+                continue
+            seen = lines.get(row[8])
+            if seen is None:
+                seen = lines[row[8]] = {}
+                # a file's first event in the batch: its landing time (the same for all its
+                # events, or the earliest publish time on a stream read in order)
+                when = landed_at(obj, m.headers, m.position)
+                if when is not None:
+                    landed[row[8]] = when
+            elif row[9] in seen:
+                res.duplicates += 1
+                continue
+            seen[row[9]] = len(rows)
+            rows.append(row)
         if ticks:
             applied, dups = self.apply_ticks(list(ticks.values()))
             res.ticks = applied
@@ -712,29 +890,24 @@ class Hvs:
             self._next_refresh = now + self.settings.refresh_seconds
         if any(self.rates.rate(h) is not None for h in self.pending_hours):
             self.price_pending()
-        evs = list(events.values())
         built = None
-        if evs:
-            built = self.build(evs)
-            self.pending_hours |= built[3]
+        if rows:
+            built = self.build(rows, lines)
+            self.pending_hours |= built.hours
         PENDING_HOURS.set(len(self.pending_hours))
-        return Prepared(evs, built, res)
+        return Prepared(rows, built, res, landed)
 
     def apply_prepared(self, prep: Prepared) -> BatchResult:
         """Apply a prepared batch's events (exactly once) and record the metrics."""
         res = prep.result
-        if prep.events:
-            applied, dups = self.apply_events(prep.events, prep.built)
+        if prep.rows:
+            applied, dups = self.apply_events(prep.rows, prep.built)
             res.applied = applied
             res.duplicates += dups
-            now = time.time()
-            first: dict[str, float] = {}
-            for e in prep.events:
-                if e.landed_at is not None and first.get(e.source_file, now) > e.landed_at:
-                    first[e.source_file] = e.landed_at
-            if first:
+            if prep.landed:
+                now = time.time()
                 worst = 0.0
-                for t in first.values():
+                for t in prep.landed.values():
                     LATENCY.observe(now - t)
                     worst = max(worst, now - t)
                 LAST_LATENCY.set(worst)
@@ -890,6 +1063,13 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _block_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
 def _supervise(settings: HvsSettings, processes: int, drain: bool) -> int:
     """Start `processes` consumers of the group, pass SIGTERM/SIGINT on, wait for all."""
     import os
@@ -905,7 +1085,9 @@ def _supervise(settings: HvsSettings, processes: int, drain: bool) -> int:
         if settings.batch_size:
             env["HVS_BATCH_SIZE"] = str(settings.batch_size)
         cmd = [sys.executable, "-m", "api.hvs", *(["--drain"] if drain else [])]
-        children.append(subprocess.Popen(cmd, env=env))
+        # a stop signal that arrives while a child is still importing waits (blocked) until
+        # the child's handler is in place: it then stops cleanly instead of dying silently
+        children.append(subprocess.Popen(cmd, env=env, preexec_fn=_block_stop_signals))
 
     def _forward(signum: int, _frame: object) -> None:
         log.info("stopping the consumers", extra={"signal": signum})
@@ -916,7 +1098,8 @@ def _supervise(settings: HvsSettings, processes: int, drain: bool) -> int:
     signal.signal(signal.SIGTERM, _forward)
     signal.signal(signal.SIGINT, _forward)
     log.info("hvs consumers started", extra={"processes": processes, "names": f"{base}-N"})
-    return max(child.wait() for child in children)
+    codes = [child.wait() for child in children]
+    return max(128 - code if code < 0 else code for code in codes)  # killed by a signal: 128+N
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -959,6 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by `_supervise`
     log.info(
         "hvs consumer starting",
         extra={"stream": settings.stream_url, "group": settings.group, "drain": args.drain},

@@ -475,6 +475,34 @@ class RedisProducer(_Closing):
         self._redis.close()
 
 
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
+
+
+def _streams(reply: Any) -> Iterable[tuple[bytes, list]]:
+    """(stream key, entries) of a raw XREADGROUP reply: a map (RESP3) or pairs (RESP2)."""
+    if not reply:
+        return ()
+    return reply.items() if isinstance(reply, dict) else reply
+
+
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+def _new_message(
+    topic: str, key: bytes | None, value: bytes, entry_id: bytes, headers: dict | None = None
+) -> Message:
+    """`Message(...)` without the frozen dataclass's `__init__` (a third of the cost per entry)."""
+    m = _new_object(Message)
+    _set_attr(m, "topic", topic)
+    _set_attr(m, "key", key)
+    _set_attr(m, "value", value)
+    _set_attr(m, "position", entry_id.decode())
+    _set_attr(m, "headers", {} if headers is None else headers)
+    return m
+
+
 class RedisConsumer(_Closing):
     """XREADGROUP consumer: own pending entries first, idle entries of others claimed, then new."""
 
@@ -502,6 +530,9 @@ class RedisConsumer(_Closing):
         # Own pending entries, read from id 0 onwards once at start (crash before commit).
         self._replay: dict[str, str] = dict.fromkeys(self._by_key, "0-0")
         self._buffer: deque[Message] = deque()
+        # XREADGROUP replies are read as hiredis returns them (see `_take`): redis-py's parsing
+        # into a dict per entry cost more than the rest of a poll
+        self._redis.set_response_callback("XREADGROUP", _raw_reply)
         self._ensure_groups()
 
     def _ensure_groups(self) -> None:
@@ -516,35 +547,50 @@ class RedisConsumer(_Closing):
             except redis.RedisError as exc:
                 raise StreamError(f"redis group create on {key!r} failed: {exc}") from exc
 
-    def _message(self, key: bytes | str, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Message:
+    def _take(self, key: bytes | str, entries: Iterable[Sequence[Any]], out: list) -> None:
+        """Messages of `entries` into `out`: XREADGROUP's raw `[id, [field, value, ...]]` or
+        XAUTOCLAIM's parsed `(id, {field: value})`; an entry without fields was trimmed."""
         skey = key.decode() if isinstance(key, bytes) else key
-        headers = {name[2:].decode(): val for name, val in fields.items() if name.startswith(b"h:")}
-        return Message(
-            topic=self._by_key[skey],
-            key=fields.get(b"k"),
-            value=fields.get(b"v", b""),
-            position=entry_id.decode(),
-            headers=headers,
-        )
-
-    def _take(self, key: bytes | str, entries: Iterable[tuple[bytes, Any]], out: list) -> None:
+        topic = self._by_key[skey]
         gone = []
+        append = out.append
         for entry_id, fields in entries:
             if not fields:  # pending entry trimmed away (MAXLEN) before it was processed
                 gone.append(entry_id)
                 continue
-            out.append(self._message(key, entry_id, fields))
+            # the producer's layouts [v, value] and [v, value, k, key], without a dict
+            if (
+                type(fields) is list
+                and fields[0] == b"v"
+                and ((n := len(fields)) == 2 or (n == 4 and fields[2] == b"k"))
+            ):
+                append(_new_message(topic, fields[3] if n == 4 else None, fields[1], entry_id))
+                continue
+            pairs = (
+                fields.items()
+                if isinstance(fields, Mapping)
+                else zip(fields[::2], fields[1::2], strict=True)
+            )
+            value, msg_key, headers = b"", None, {}
+            for name, val in pairs:
+                if name == b"v":
+                    value = val
+                elif name == b"k":
+                    msg_key = val
+                elif name.startswith(b"h:"):
+                    headers[name[2:].decode()] = val
+            append(_new_message(topic, msg_key, value, entry_id, headers))
         if gone:
             log.warning(
                 "redis stream entries trimmed before processing, acknowledged as lost",
-                extra={"stream": str(key), "count": len(gone)},
+                extra={"stream": skey, "count": len(gone)},
             )
-            self._redis.xack(key, self._group, *gone)
+            self._redis.xack(skey, self._group, *gone)
 
     def _read_own_pending(self, count: int, out: list[Message]) -> None:
         reply = self._redis.xreadgroup(self._group, self._name, dict(self._replay), count=count)
         more = set()
-        for key, entries in reply or ():
+        for key, entries in _streams(reply):
             skey = key.decode()
             if entries:
                 self._replay[skey] = entries[-1][0].decode()
@@ -585,7 +631,7 @@ class RedisConsumer(_Closing):
         reply = self._redis.xreadgroup(
             self._group, self._name, streams, count=count, block=block_ms
         )
-        for key, entries in reply or ():
+        for key, entries in _streams(reply):
             self._take(key, entries, out)
 
     def poll(self, max_messages: int = 1000, timeout: float = 1.0) -> list[Message]:

@@ -376,6 +376,35 @@ def test_duplicates_inside_one_batch_count_once(stack, hvs_env, redis_client):
     assert stored[b"data:text:ev"] == b"1" and stored[b"data:text:by"] == b"300"
 
 
+def test_runs_of_lines_partly_applied_apply_the_rest_exactly(stack, hvs_env, redis_client):
+    """Lines travel as runs (one BITCOUNT, SETRANGE for whole bytes, SETBIT for the ends) and
+    single offsets: a batch overlapping applied lines applies exactly the others."""
+    ts = datetime(2024, 1, 1, 5)
+
+    def batch(lines: list[int], at: int) -> list[Message]:
+        return [
+            msg(
+                "cdr-data",
+                orjson.dumps(data_event("0123", ts, 1, 2, "text", "r.csv", n)),
+                f"{at}-{n}",
+            )
+            for n in lines
+        ]
+
+    hvs = Hvs(hvs_env)
+    first = [3, 4, 5, 9, *range(12, 30)]  # runs 3-5 and 12-29 (whole bytes 2 and 3), single 9
+    assert hvs.process(batch(first, 1)).applied == len(first)
+    bits = K.seen_key("r.csv")
+    assert [n for n in range(64) if redis_client.getbit(bits, n)] == first
+    second = [*range(1, 12), *range(28, 45), 50]  # overlaps 3-5, 9, 28-29
+    res = hvs.process(batch(second, 2))
+    assert (res.applied, res.duplicates) == (len(set(second) - set(first)), 6)
+    assert [n for n in range(64) if redis_client.getbit(bits, n)] == sorted(set(first + second))
+    stored = redis_client.hgetall(K.usage_key("0123", "20240101"))
+    assert stored[b"data:text:ev"] == str(len(set(first + second))).encode()
+    assert stored[b"data:text:by"] == str(3 * len(set(first + second))).encode()
+
+
 def test_wak_pending_until_a_rate_is_known(stack, hvs_env, redis_client):
     # events first: no tick yet, so their WAK waits; then ticks arrive and price them
     events = make_events(n_files=1, rows=200, seed=3, start=datetime(2024, 1, 1, 2))
@@ -514,6 +543,40 @@ def test_processes_option_runs_a_group_and_stops_on_sigterm(stack, redis_client)
         err = proc.stderr.read().decode()
         applied = [orjson.loads(x)["events_applied"] for x in err.splitlines() if "stopped" in x]
         assert len(applied) == 2 and sum(applied) == 1200
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_processes_stopped_while_starting_stop_cleanly(stack, redis_client):
+    """SIGTERM right after the start (children still importing): every child stops through its
+    handler (logs its stop, exit 0) instead of being killed by the default action."""
+    env = dict(
+        os.environ,
+        REDIS_URL=stack.redis_url,
+        STREAM_URL=stack.stream_url,
+        HVS_METRICS_PORT="0",
+        HVS_POLL_TIMEOUT="0.2",
+        WTC_LOG_FORMAT="json",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.hvs", "--processes", "2"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        err = b""
+        deadline = time.monotonic() + 30
+        while b"hvs consumers started" not in err:  # the children exist, their imports run
+            assert time.monotonic() < deadline and proc.poll() is None
+            err += proc.stderr.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err += proc.stderr.read()
+        assert err.count(b"hvs consumer stopped") == 2, err.decode()
     finally:
         if proc.poll() is None:
             proc.kill()
