@@ -2,7 +2,7 @@
 Redis memory per subscriber-day. Prints figures and ratios; never fails on a timing.
 
     python -m bench.hvs_api                    # a private redis-server on a free port
-    python -m bench.hvs_api --redis-url redis://127.0.0.1:56379  # an existing one (db 14, 15)
+    python -m bench.hvs_api --redis-url redis://127.0.0.1:16379  # an existing one (db 14, 15)
 
 1. Consumer: N CDR events (data and voice, 50 000 subscribers, two days) plus ticks are
    published to Redis Streams, then `api.hvs.run(drain=True)` applies them: events/s.

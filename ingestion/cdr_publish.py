@@ -1,7 +1,9 @@
 """CDR rows to the stream: after a file committed, its landed rows go to `cdr-data`/`cdr-voice`.
 
-Each message is keyed by msisdn; its value is a JSON object with the typed row and a stable
-`event_id` (`<source_file>:<line_no>`), so a republish after a crash is recognisable downstream.
+Each message is keyed by msisdn; its value is a JSON object with the typed row, a stable
+`event_id` (`<source_file>:<line_no>`), so a republish after a crash is recognisable downstream,
+and the row's `loaded_at` (naive UTC), from which consumers measure landing-to-applied latency
+on any stream backend.
 `cdr_data.files.published_at` records a completed publish; files whose publish did not complete
 (a crash or a stream outage between commit and publish) are published again.
 """
@@ -23,7 +25,7 @@ TOPICS = {"data": CDR_DATA_TOPIC, "voice": CDR_VOICE_TOPIC}
 """The stream topic of each CDR file kind."""
 
 TIMESTAMP_FORMAT = "YYYY-MM-DD HH24:MI:SS.US"
-"""Event times in messages: naive UTC, always with 6 fraction digits."""
+"""Event times and `loaded_at` in messages: naive UTC, always with 6 fraction digits."""
 
 
 def _json_sql(kind: Kind) -> str:
@@ -47,6 +49,10 @@ def _json_sql(kind: Kind) -> str:
             parts.append(f"{key} || '\"' || {col.name} || '\"'")
         else:
             parts.append(f"{key} || coalesce(to_json({col.name})::text, 'null')")
+    parts.append(
+        f"',\"loaded_at\":\"' || to_char(loaded_at at time zone 'UTC', '{TIMESTAMP_FORMAT}')"
+        " || '\"'"
+    )
     parts.append("'}'")
     return " || ".join(parts)
 

@@ -609,6 +609,12 @@ def test_landed_rows_are_published_once_with_stable_event_ids(
         assert Counter(e["event_id"] for e in events) == Counter(landed)
         sample = next(e for e in events if e["event_id"] == f"{files[1][0]}:2")
         first_row = files[1][1].split(b"\r\n")[1].decode().split(",")
+        [(loaded_at,)] = query(
+            stack,
+            "select to_char(loaded_at at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')"
+            " from cdr_data.voice_records where source_file = %s and line_no = 2",
+            files[1][0],
+        )
         assert sample == {
             "event_id": f"{files[1][0]}:2",
             "source_file": files[1][0],
@@ -619,6 +625,7 @@ def test_landed_rows_are_published_once_with_stable_event_ids(
             "dest_nr": first_row[3],
             "call_duration_sec": int(first_row[4]),
             "start_time": datetime.fromisoformat(first_row[5]).strftime("%Y-%m-%d %H:%M:%S.%f"),
+            "loaded_at": loaded_at,  # naive UTC: the consumers' landing time on any backend
         }
         # A crash between commit and publish: the file is published again, same event ids.
         query(

@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import orjson
@@ -244,6 +244,18 @@ def test_decode_cdr_publish_format():
         "20240102",
         "2024010200",
     )
+
+
+def test_landing_time_prefers_the_events_loaded_at():
+    """The publisher's `loaded_at` (naive UTC, as on Kafka) wins over headers and entry ids."""
+    e = data_event("0123456789012", datetime(2024, 1, 1), 5, 7, "video", "f.csv", 3)
+    e["loaded_at"] = "2024-01-01 00:00:01.500000"
+    m = Message("cdr-data", None, orjson.dumps(e), "1700000000000-0", {"published_at": b"9"})
+    want = datetime(2024, 1, 1, 0, 0, 1, 500000, tzinfo=UTC).timestamp()
+    assert decode_cdr(m).landed_at == want
+    assert decode_cdr(msg("cdr-data", orjson.dumps(e))).landed_at == want
+    del e["loaded_at"]
+    assert decode_cdr(Message("cdr-data", None, orjson.dumps(e), "1-0", m.headers)).landed_at == 9
 
 
 @pytest.mark.parametrize(
