@@ -78,10 +78,13 @@ PENDING_HOURS = Gauge("hvs_wak_pending_hours", "Usage hours whose WAK cost waits
 # One flat ARGV list, no JSON (decoding JSON in Lua cost as much as the increments):
 #   ttl,
 #   nfiles, then per bitmap: key, nruns, first, last, ... (runs of consecutive offsets),
-#   nhashes, then per hash: key, nfields, field, n, ...,
+#   nhashes, then per hash: key, nnew, nincr, then nnew + nincr times field, n,
 #   nsets, then per member: set key, member.
 # A run is checked with one BITCOUNT and set with SETRANGE (whole bytes) and SETBIT (its ends);
-# single offsets are checked and set with one BITFIELD per bitmap. Returns, for the bits that
+# single offsets are checked and set with one BITFIELD per bitmap. A hash's first `nnew` fields
+# are a usage group's event count and the fields always written with it: if HINCRBY of the count
+# created it, the others do not exist either and one HSET writes them (a new group: one call
+# instead of up to five). The other `nincr` fields are HINCRBY'd. Returns, for the bits that
 # were set already, `bitmap number, offset` pairs (1-based bitmap number, in ARGV order); if
 # there is any, nothing was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
 APPLY_LUA = """
@@ -151,9 +154,20 @@ end
 local nhashes = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, nhashes do
-  local key, nfields = ARGV[i], tonumber(ARGV[i + 1])
-  i = i + 2
-  for _ = 1, nfields do
+  local key, nnew, nincr = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
+  if nnew > 0 then
+    local n = ARGV[i + 1]
+    if redis.call('HINCRBY', key, ARGV[i], n) == tonumber(n) and nnew > 1 then
+      redis.call('HSET', key, unpack(ARGV, i + 2, i + 2 * nnew - 1))
+    else
+      for j = i + 2, i + 2 * nnew - 1, 2 do
+        redis.call('HINCRBY', key, ARGV[j], ARGV[j + 1])
+      end
+    end
+    i = i + 2 * nnew
+  end
+  for _ = 1, nincr do
     redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
     i = i + 2
   end
@@ -289,6 +303,8 @@ CdrRow = tuple[str, str, str, str, int, int, int, str, str, int]
 source_file, line_no); `day` is YYYYmmdd, `hour` YYYYmmddHH."""
 
 _fromisoformat = datetime.fromisoformat
+_DAY_HOUR: dict[str, tuple[str, str]] = {}
+"""`YYYY-mm-dd HH` of valid event times in the publisher's form -> (day, hour)."""
 
 
 def cdr_row(obj: dict, category: str) -> CdrRow:
@@ -299,7 +315,10 @@ def cdr_row(obj: dict, category: str) -> CdrRow:
         type(msisdn) is str and 0 < len(msisdn) <= 15 and msisdn.isascii() and msisdn.isdigit()
     ):
         raise BadEvent(f"msisdn must be up to 15 digits, got {msisdn!r}")
-    source_file, sep, line = _text(obj, "event_id").rpartition(":")
+    event_id = obj.get("event_id")
+    if type(event_id) is not str or not event_id:
+        event_id = _text(obj, "event_id")  # raises with the reason
+    source_file, sep, line = event_id.rpartition(":")
     if not (sep and source_file and line.isascii() and line.isdigit()):
         raise BadEvent(f"event_id must be 'source_file:line_no', got {obj['event_id']!r}")
     if category == "data":
@@ -330,9 +349,14 @@ def cdr_row(obj: dict, category: str) -> CdrRow:
         ts = None
     if ts is None or ts.tzinfo is not None:
         ts = _when(obj, when)  # raises with the reason
-    if len(v) >= 19 and v[4] == "-" and v[7] == "-" and v[13] == ":":
+    day_hour = _DAY_HOUR.get(v[:13])
+    if day_hour is not None:
+        day, hour = day_hour
+    elif len(v) >= 19 and v[4] == "-" and v[7] == "-" and v[13] == ":":
         day = v[0:4] + v[5:7] + v[8:10]  # the publisher's form: slicing is cheaper
         hour = day + v[11:13]
+        if len(_DAY_HOUR) < 100_000:
+            _DAY_HOUR[v[:13]] = (day, hour)
     else:
         day = f"{ts.year:04d}{ts.month:02d}{ts.day:02d}"
         hour = f"{day}{ts.hour:02d}"
@@ -549,7 +573,7 @@ class Built:
     """A batch's Redis work, in the script's terms (see APPLY_LUA)."""
 
     bits: dict[str, dict[int, int]]  # bitmap key -> {offset: item number}
-    incr: list[str | int]  # per hash: key, number of fields, field, n, field, n, ...
+    incr: list[str | int]  # per hash: key, nnew, nincr, field, n, field, n, ... (APPLY_LUA)
     hashes: int
     sadd: list[tuple[str, str]]
     hours: set[str]  # hours with WAK pending
@@ -628,8 +652,8 @@ class Hvs:
     ) -> set[int]:
         """Apply atomically unless a bit is set already; the item numbers whose bits were set.
 
-        `bits`: bitmap key -> {offset: item number}; `incr`: `hashes` times key, number of
-        fields, field, n, ...
+        `bits`: bitmap key -> {offset: item number}; `incr`: `hashes` times key, nnew, nincr,
+        field, n, ... (see APPLY_LUA)
         """
         args: list[str | int] = [self._ttl, len(bits)]
         for key, offsets in bits.items():
@@ -678,7 +702,7 @@ class Hvs:
                 fs, fn = K.fx_field(t.hour, t.pair, "s"), K.fx_field(t.hour, t.pair, "n")
                 sums[fs] = sums.get(fs, 0) + t.price_sum
                 sums[fn] = sums.get(fn, 0) + 1
-            fx: list[str | int] = [K.FX_KEY, len(sums)]
+            fx: list[str | int] = [K.FX_KEY, 0, len(sums)]
             for f, v in sums.items():
                 fx += (f, v)
             seen = self._run_script(bits, 1, fx)
@@ -742,11 +766,11 @@ class Hvs:
         for (msisdn, day, category, usage_type), (ev, up, dn, s, zar, wk, zp) in groups.items():
             f = _fields(category, usage_type)
             key = K.usage_key(msisdn, day)
-            n = 3 + (wk != 0) + (zp != 0)
+            n = (wk != 0) + (zp != 0)  # wak and zp are also written by price_pending
             if category == "data":
-                add((key, n + 2, f[0], ev, f[1], up, f[2], dn, f[3], up + dn, f[5], zar))
+                add((key, 5, n, f[0], ev, f[1], up, f[2], dn, f[3], up + dn, f[5], zar))
             else:
-                add((key, n, f[0], ev, f[4], s, f[5], zar))
+                add((key, 3, n, f[0], ev, f[4], s, f[5], zar))
             if wk:
                 add((f[6], wk))
             if zp:
@@ -760,7 +784,7 @@ class Hvs:
                 field = K.pending_field(K.usage_key(msisdn, day), category, usage_type)
                 by_hour.setdefault(hour, []).extend((field, zar))
             for hour, fv in by_hour.items():
-                add((K.pending_key(hour), len(fv) // 2, *fv))
+                add((K.pending_key(hour), 0, len(fv) // 2, *fv))
                 hours.add(hour)
                 sadd.append((K.PENDING_INDEX, hour))
             hashes += len(by_hour)

@@ -122,11 +122,13 @@ class PrivateRedis:
 
 
 def events(n: int, subscribers: int, seed: int = 1):
+    """Data and voice events alternately; each file has 1000 consecutive lines (2..1001), as the
+    CDR publisher sends a file's landed rows in line order."""
     rng = random.Random(seed)
     subs = [f"{rng.randrange(10**13):013d}" for _ in range(subscribers)]
     for i in range(n):
         ts = START + timedelta(seconds=rng.randrange(2 * 86400), microseconds=rng.randrange(10**6))
-        f, line = divmod(i, 1000)
+        f, line = divmod(i // 2, 1000)
         if i % 2 == 0:
             yield (
                 "cdr-data",

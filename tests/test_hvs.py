@@ -417,6 +417,26 @@ def test_runs_of_lines_partly_applied_apply_the_rest_exactly(stack, hvs_env, red
     assert stored[b"data:text:by"] == str(3 * len(set(first + second))).encode()
 
 
+def test_a_new_group_beside_fields_written_by_pricing_still_adds(stack, hvs_env, redis_client):
+    """A usage group's first event writes its fields in one HSET; `wak` and `zp`, which WAK
+    pricing also writes (even into a key that expired meanwhile), are always added to."""
+    key = K.usage_key("0123456789012", "20240101")
+    redis_client.hset(key, mapping={"data:text:wak": 5, "data:text:zp": -3})
+    e = data_event("0123456789012", datetime(2024, 1, 1, 5), 100, 200, "text", "p.csv", 2)
+    assert Hvs(hvs_env).process([msg("cdr-data", orjson.dumps(e))]).applied == 1
+    zar = data_zar_units(300)
+    got = {f.decode(): int(v) for f, v in redis_client.hgetall(key).items()}
+    assert got == {
+        "data:text:ev": 1,
+        "data:text:up": 100,
+        "data:text:dn": 200,
+        "data:text:by": 300,
+        "data:text:zar": zar,
+        "data:text:wak": 5,
+        "data:text:zp": zar - 3,  # no rate known: the ZAR waits
+    }
+
+
 def test_wak_pending_until_a_rate_is_known(stack, hvs_env, redis_client):
     # events first: no tick yet, so their WAK waits; then ticks arrive and price them
     events = make_events(n_files=1, rows=200, seed=3, start=datetime(2024, 1, 1, 2))
