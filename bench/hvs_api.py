@@ -5,7 +5,9 @@ Redis memory per subscriber-day. Prints figures and ratios; never fails on a tim
     python -m bench.hvs_api --redis-url redis://127.0.0.1:16379  # an existing one (db 14, 15)
 
 1. Consumer: N CDR events (data and voice, 50 000 subscribers, two days) plus ticks are
-   published to Redis Streams, then `api.hvs.run(drain=True)` applies them: events/s.
+   published to Redis Streams, then `api.hvs.run(drain=True)` applies them: events/s; in the
+   same run, the same batches prebuilt and only their Lua script calls timed (the Redis-side
+   ceiling) and N processes in one group.
 2. API: one uvicorn worker serving `api.app:app` and one serving `bare_app` below (a GET that
    reads one Redis hash and answers it as JSON, no auth), each loaded by the same small asyncio
    HTTP/1.1 keep-alive client in this process: closed-loop throughput (rps) with 32
@@ -209,6 +211,36 @@ def consumer_processes(stream_url: str, redis_url: str, count: int, keep_keys: l
     }
 
 
+def apply_ceiling(redis_url: str, n: int, subscribers: int, keep_keys: list) -> dict:
+    """The same events' batches decoded and built beforehand (untimed), then only their Lua
+    script calls back to back into an empty store: the consumer's Redis-side ceiling, measured
+    in the same run (the consumer's figure is a fraction of it)."""
+    from api.hvs import Hvs, cdr_row
+    from api.settings import HvsSettings
+
+    r = redis.Redis.from_url(redis_url)
+    hvs = Hvs(HvsSettings(redis_url=redis_url, metrics_port=0))  # loads the rates now
+    category = {"cdr-data": "data", "cdr-voice": "call"}
+    rows = [cdr_row(orjson.loads(orjson.dumps(e)), category[t]) for t, e in events(n, subscribers)]
+    size = hvs.settings.batch_size
+    built = [hvs.build(rows[i : i + size]) for i in range(0, len(rows), size)]
+    keep = {k: r.dump(k) for k in keep_keys}
+    r.flushdb()
+    r.config_resetstat()
+    t0 = time.perf_counter()
+    for b in built:
+        hvs._run_script(b.bits, b.hashes, b.incr, b.sadd)
+    seconds = time.perf_counter() - t0
+    stats = r.info("commandstats").get("cmdstat_evalsha", {})
+    r.flushdb()
+    for k, v in keep.items():
+        r.restore(k, 0, v)
+    return {
+        "events_per_s": len(rows) / seconds,
+        "redis_script_us_per_event": stats.get("usec", 0) / len(rows),
+    }
+
+
 def bench_consumer(
     stream_url: str, redis_url: str, n: int, subscribers: int, processes: int = 2
 ) -> dict:
@@ -248,6 +280,7 @@ def bench_consumer(
     per_process = None
     if processes > 1:
         per_process = consumer_processes(stream_url, redis_url, processes, sample[:200])
+    ceiling = apply_ceiling(redis_url, n, subscribers, sample[:200])
     return {
         "events": applied,
         "seconds": seconds,
@@ -260,6 +293,7 @@ def bench_consumer(
         "redis_script_us_per_event": stats.get("usec", 0) / max(applied, 1),
         "sample_keys": [k.decode() for k in sample[:200]],
         "processes": per_process,
+        "ceiling": ceiling,
     }
 
 
@@ -483,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"consumer: {c['events']} events in {c['seconds']:.2f} s = "
               f"{c['events_per_s']:,.0f} events/s (goal > 50 000); Redis script "
               f"{c['redis_script_us_per_event']:.1f} us/event")  # fmt: skip
+        ce = c["ceiling"]
+        print(f"same run, the script alone on prebuilt batches (Redis-side ceiling): "
+              f"{ce['events_per_s']:,.0f} events/s, {ce['redis_script_us_per_event']:.1f} "
+              f"us/event in Redis; the consumer reaches "
+              f"{c['events_per_s'] / ce['events_per_s']:.0%} of it")  # fmt: skip
         lat = bench_latency(stream_url, hvs_url)
         print(f"near real time: {lat['observations']:.0f} file-batches, publish to applied "
               f"p50 <= {lat['p50_le_s']} s, p99 <= {lat['p99_le_s']} s (goal < 60 s)")  # fmt: skip

@@ -686,12 +686,15 @@ class RedisConsumer(_Closing):
             return
         ids: dict[str, list[str]] = {}
         for m in messages:
-            ids.setdefault(stream_key(m.topic), []).append(m.position)
+            topic_ids = ids.get(m.topic)
+            if topic_ids is None:
+                topic_ids = ids[m.topic] = []
+            topic_ids.append(m.position)
         try:
             pipe = self._redis.pipeline(transaction=False)
-            for skey, entry_ids in ids.items():
+            for topic, entry_ids in ids.items():
                 for i in range(0, len(entry_ids), 10_000):
-                    pipe.xack(skey, self._group, *entry_ids[i : i + 10_000])
+                    pipe.xack(stream_key(topic), self._group, *entry_ids[i : i + 10_000])
             pipe.execute()
         except redis.RedisError as exc:
             raise StreamError(f"redis commit failed: {exc}") from exc
