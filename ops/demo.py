@@ -18,7 +18,6 @@ Steps, each a project command run as its own process:
 from __future__ import annotations
 
 import argparse
-import base64
 import logging
 import os
 import shlex
@@ -203,16 +202,12 @@ def serve_docs(stack: Stack, env: dict[str, str]) -> None:
     wait_until(lambda: port_open(stack.s.host, stack.s.docs_port), "the dbt docs site")
 
 
-def wait_for_live_usage(env: dict[str, str], timeout: float = 60.0) -> None:
-    """Poll the API's health until the HVS consumer has caught up or the deadline passes."""
-    auth = base64.b64encode(f"{env['API_USER']}:{env['API_PASSWORD']}".encode()).decode()
-    request = urllib.request.Request(
-        f"{env['API_URL']}/health", headers={"Authorization": f"Basic {auth}"}
-    )
+def wait_for_healthy_api(api_url: str, timeout: float = 60.0) -> None:
+    """Poll the API's /health (it answers 200 once Redis does) until it is healthy."""
 
     def healthy() -> bool:
         try:
-            with urllib.request.urlopen(request, timeout=2) as response:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
                 return response.status == 200
         except OSError:
             return False
@@ -271,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         land_once(env)
         start_live(stack, env)
         build_warehouse(stack, env)
-        wait_for_live_usage(env)
+        wait_for_healthy_api(env["API_URL"])
         log.info("demo ready", extra={"seconds": round(time.monotonic() - started, 1)})
     except (StackError, subprocess.CalledProcessError) as exc:
         log.error("%s", exc)
