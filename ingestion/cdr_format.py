@@ -1,7 +1,8 @@
 """The CDR file format and its row rules, written once: names, headers, columns, value checks.
 
-Pure logic, no I/O. The loader turns the rules into SQL (`reason_cases`) so that rows are checked
-set-based in Postgres; docs/raw-layer.md lists the same rules for people.
+Pure logic, no I/O. The loader turns the rules into SQL (`reason_whens`) so that rows are
+checked set-based in Postgres; the raw tables hold the same rules as constraints
+(`ops/sql/wtc_analytics.sql`); docs/raw-layer.md lists them for people.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class Kind:
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 
+    @property
+    def rules_constraint(self) -> str:
+        """The name of the raw table's constraint that holds the value rules."""
+        return self.table.partition(".")[2] + "_value_rules"
+
 
 DATA = Kind(
     name="data",
@@ -101,9 +107,13 @@ def kind_of(file_name: str) -> Kind | None:
 
 def split_lines(data: bytes) -> list[bytes]:
     """The lines of a complete file (it ends with a newline), each without its CR/LF ending."""
-    lines = data.split(b"\n")
+    newlines = data.count(b"\n")
+    crlf = newlines and data.count(b"\r\n") == newlines  # every line ends CRLF: split on it
+    lines = data.split(b"\r\n" if crlf else b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
+    if crlf or b"\r" not in data:
+        return lines
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
@@ -201,13 +211,12 @@ def reason_whens(kind: Kind) -> str:
     return "\n".join(f"when {r.condition} then {r.reason}" for r in rules(kind))
 
 
-def reason_sql(kind: Kind) -> str:
-    """A SQL `case` giving a typed row's rejection reason, NULL for a good row."""
-    return f"case\n{reason_whens(kind)}\nend"
-
-
 def invalid_sql(kind: Kind) -> str:
-    """A SQL boolean that is true for a typed row that breaks a rule (the same rules)."""
+    """A SQL boolean that is true for a typed row that breaks a rule (the same rules).
+
+    The raw tables' value-rule constraints (`Kind.rules_constraint`) are its negation, written
+    out in `ops/sql/wtc_analytics.sql`; tests/test_cdr_format.py checks that they agree.
+    """
     return "(" + " or ".join(r.condition for r in rules(kind) if not r.implied) + ")"
 
 

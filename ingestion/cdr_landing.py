@@ -3,15 +3,15 @@
 Two paths, one set of rules (`ingestion.cdr_format`):
 
 - the COPY path: a file without quote characters is streamed as it is (each line prefixed with
-  the file name and line number) by `COPY ... (format csv)` straight into its raw table; the
-  value rules then run set-based on the file's rows, and the few that break one are moved to
-  `cdr_data.rejected_rows`. This is the path of every well-formed file.
+  the file name and line number) by `COPY ... (format csv)` straight into its raw table, whose
+  constraints hold the value rules (`ops/sql/wtc_analytics.sql`), so every row is checked as it
+  lands. This is the path of every well-formed file.
 - the line path: when that COPY fails (wrong column count, a bad number or timestamp, a missing
-  value, bad bytes), the file's transaction is rolled back and the file landed again this way;
-  a file with quote characters takes it at once. The lines are split into fields (Python's csv
-  reader, one line at a time, so a line number is always the physical line) and copied as text
-  into a temporary staging table; one statement lands the good rows with casts and files the
-  bad ones with a reason.
+  value, a value rule broken, bad bytes), the file's transaction is rolled back and the file
+  landed again this way; a file with quote characters takes it at once. The lines are split
+  into fields (Python's csv reader, one line at a time, so a line number is always the physical
+  line) and copied as text into a temporary staging table; one statement lands the good rows
+  with casts and files the bad ones with a reason.
 
 Line numbers are physical: the header is line 1, the first row line 2.
 """
@@ -34,10 +34,8 @@ from ingestion.cdr_format import (
     Kind,
     copy_ready,
     header_problem,
-    invalid_sql,
     kind_of,
     parse_line,
-    reason_sql,
     reason_whens,
     split_lines,
 )
@@ -87,9 +85,26 @@ class Landing:
 
 
 def prepare_session(conn: psycopg.Connection) -> None:
-    """Create the session's staging table and cast helpers (call once per new connection)."""
+    """Create the session's staging table and cast helpers (call once per new connection).
+
+    Raises `RuntimeError` when the raw tables lack their value-rule constraints (a database
+    bootstrapped by an older `ops/sql/wtc_analytics.sql`): the COPY path relies on them.
+    """
     with conn.transaction():
         conn.execute(SESSION_SQL)
+        names = [kind.rules_constraint for kind in KINDS.values()]
+        found = {
+            row[0]
+            for row in conn.execute(
+                "select conname from pg_constraint where conname = any(%s)", (names,)
+            )
+        }
+    missing = sorted(set(names) - found)
+    if missing:
+        raise RuntimeError(
+            f"the raw CDR tables lack the value-rule constraints {', '.join(missing)}:"
+            " apply ops/sql/wtc_analytics.sql (`make start` does)"
+        )
 
 
 def sha256_hex(data: bytes) -> str:
@@ -129,6 +144,8 @@ def _land(
     file_name = base["file_name"]
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS, file_name))
+        # a statement of its own after the lock: its snapshot sees a file another loader landed
+        # while this one waited
         row = conn.execute(
             "select sha256 from cdr_data.files where file_name = %s", (file_name,)
         ).fetchone()
@@ -203,8 +220,8 @@ def copy_body(file_name: str, lines: list[bytes]) -> bytes:
 
 
 def _copy_path(conn: psycopg.Connection, kind: Kind, base: dict, lines: list[bytes]) -> Counts:
-    """COPY the file into its table, then write its `files` row and check its rows in one
-    statement; move the rows that break a rule (rare) to `rejected_rows`."""
+    """COPY the file into its table (the table's constraints check every row), then write its
+    `files` row from the landed rows."""
     file_name = base["file_name"]
     cols = ", ".join(kind.column_names)
     try:
@@ -218,48 +235,18 @@ def _copy_path(conn: psycopg.Connection, kind: Kind, base: dict, lines: list[byt
             extra={"file": file_name, "cause": str(exc).splitlines()[0]},
         )
         raise _NeedsLinePath from exc
-    landed, first_at, last_at, bad = conn.execute(
-        _FILES_ROW_SQL[kind.name], {**base, "file": file_name}
-    ).fetchone()
-    if not bad:
-        return landed, 0, first_at, last_at
-    moved = conn.execute(
-        f"delete from {kind.table} where source_file = %s and {invalid_sql(kind)}"
-        f" returning line_no, {reason_sql(kind)}",
-        (file_name,),
-    ).fetchall()
-    with conn.cursor().copy(
-        "copy cdr_data.rejected_rows (source_file, line_no, raw_line, reason) from stdin"
-    ) as copy:
-        for line_no, reason in moved:
-            copy.write_row((file_name, line_no, lines[line_no - 1].decode(), reason))
-    ev = kind.event_time
-    return conn.execute(
-        "update cdr_data.files set rows_landed = s.n, rows_rejected = %(moved)s,"
-        " first_event_at = s.a, last_event_at = s.b,"
-        " published_at = case when s.n = 0 then now() end"
-        f" from (select count(*) as n, min({ev}) as a, max({ev}) as b from {kind.table}"
-        "  where source_file = %(file)s) as s"
-        " where file_name = %(file)s"
-        " returning rows_landed, rows_rejected, first_event_at, last_event_at",
-        {"file": file_name, "moved": len(moved)},
-    ).fetchone()
+    return conn.execute(_FILES_ROW_SQL[kind.name], {**base, "file": file_name}).fetchone()
 
 
 def _files_row_sql(kind: Kind) -> str:
     ev = kind.event_time
     return f"""
-with s as (
-    select count(*) as n, min({ev}) as a, max({ev}) as b,
-           count(*) filter (where {invalid_sql(kind)}) as bad
-    from {kind.table} where source_file = %(file)s
-)
 insert into cdr_data.files (file_name, kind, size_bytes, sha256, rows_landed, rows_rejected,
                             first_event_at, last_event_at, published_at)
-select %(file)s, %(kind)s, %(size_bytes)s, %(sha256)s, n, 0, a, b,
-       case when n = 0 then now() end
-from s
-returning rows_landed, first_event_at, last_event_at, (select bad from s)
+select %(file)s, %(kind)s, %(size_bytes)s, %(sha256)s, count(*), 0, min({ev}), max({ev}),
+       case when count(*) = 0 then now() end
+from {kind.table} where source_file = %(file)s
+returning rows_landed, rows_rejected, first_event_at, last_event_at
 """
 
 

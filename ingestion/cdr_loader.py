@@ -317,6 +317,7 @@ class CdrLoader:
         futures: dict[Future, RemoteFile] = {
             self._pool.submit(self._take, f): f for f in candidates
         }
+        rows = 0
         try:
             for future in as_completed(futures):
                 f = futures[future]
@@ -334,8 +335,9 @@ class CdrLoader:
                     self._incomplete.pop(f.name, None)
                     self._seen.pop(f.name, None)
                     result.landed.append(landing)
+                    rows += landing.rows_landed
                     bar.update(1)
-                    bar.set_postfix(rows=result.rows_landed, refresh=False)
+                    bar.set_postfix(rows=rows, refresh=False)
                 elif outcome == "incomplete":
                     self._incomplete[f.name] = key
                     result.incomplete += 1

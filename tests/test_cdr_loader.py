@@ -25,10 +25,22 @@ import httpx
 import psycopg
 import pytest
 
-from ingestion.cdr_format import DATA, VOICE, copy_ready, header_problem, kind_of, parse_line
+from ingestion.cdr_format import (
+    DATA,
+    KINDS,
+    VOICE,
+    Column,
+    copy_ready,
+    header_problem,
+    invalid_sql,
+    kind_of,
+    parse_line,
+    split_lines,
+)
 from ingestion.cdr_landing import copy_body
 from ingestion.cdr_loader import CdrLoader, LoaderSettings
 from ingestion.cdr_publish import CDR_DATA_TOPIC, CDR_VOICE_TOPIC
+from ingestion.cdr_sftp import READ_REQUEST_SIZE, CdrSftp
 from ingestion.generators.cdr import CdrConfig, cdr_files, upload_cdr_files
 from ingestion.stream import open_consumer
 from ops.settings import PROJECT_ROOT
@@ -144,6 +156,74 @@ def test_names_headers_and_lines() -> None:
     assert not copy_ready(b'a,"b"\n')
 
 
+def test_split_lines_strips_lf_and_crlf_endings() -> None:
+    assert split_lines(b"h\na\nb\n") == [b"h", b"a", b"b"]
+    assert split_lines(b"h\r\na\nb\r\n") == [b"h", b"a", b"b"]
+    assert split_lines(b"h\na\rb\n") == [b"h", b"a\rb"]  # a CR inside a line stays
+    assert split_lines(b"") == []
+
+
+def _probes(col: Column) -> list[str]:
+    """Values around the edges of a column's check, as text (each one casts to its type)."""
+    check = col.check
+    if check[0] == "digits":
+        n = check[1]
+        return [
+            "1" * n, "0" * n, "9" * n, "1" * (n - 1), "1" * (n + 1), "1" * (n - 1) + "a",
+            "+" + "1" * (n - 1), " " + "1" * (n - 1), "1" * (n - 1) + "\u0663", "",
+        ]  # fmt: skip
+    if check[0] == "range":
+        low, high = check[1], check[2]
+        return [str(v) for v in (low, high, low - 1, high + 1, -1, 0, -high)]
+    if check[0] == "one_of":
+        return [*check[1], check[1][0].upper(), check[1][0] + " ", "hologram", ""]
+    assert check[0] == "time_range"
+    return [
+        check[1], check[2], "1999-12-31 23:59:59.999999", "2099-12-31 23:59:59.999999",
+        "infinity", "-infinity", "epoch", "2031-04-01 00:00:01.25",
+    ]  # fmt: skip
+
+
+GOOD_ROWS = {
+    "data": "0712345678901,7,150000,250000,video,10.0.0.1,https://x.org/,2031-04-01 00:00:01",
+    "voice": "0712345678901,12,voice,0712345678902,60,2031-04-01 00:00:01",
+}
+
+
+@pytest.mark.parametrize("kind_name", sorted(KINDS))
+def test_raw_table_constraints_reject_exactly_what_the_rules_reject(analytics, kind_name) -> None:
+    """The value rules are written twice, in `ingestion/cdr_format.py` (the reasons) and as the
+    raw tables' constraints (`ops/sql/wtc_analytics.sql`, which the COPY path relies on): every
+    probe at the edges of every check must be accepted or refused by both alike."""
+    kind = KINDS[kind_name]
+    good = dict(zip(kind.column_names, GOOD_ROWS[kind_name].split(","), strict=True))
+    cols = ", ".join(kind.column_names)
+    typed = ", ".join(f"%({c.name})s::{c.pg_type} as {c.name}" for c in kind.columns)
+    seen = Counter()
+    for col in (c for c in kind.columns if c.check):
+        for value in _probes(col):
+            row = {**good, col.name: value}
+            with analytics.transaction(force_rollback=True):
+                breaks_rules = analytics.execute(
+                    f"select {invalid_sql(kind)} from (select {typed}) as r", row
+                ).fetchone()[0]
+            with analytics.transaction(force_rollback=True):
+                try:
+                    analytics.execute(
+                        f"insert into {kind.table} (source_file, line_no, {cols})"
+                        f" values ('probe', 2, {', '.join(f'%({c})s' for c in kind.column_names)})",
+                        row,
+                    )
+                    refused = False
+                except psycopg.errors.CheckViolation as exc:
+                    assert exc.diag.constraint_name == kind.rules_constraint
+                    refused = True
+            assert refused == breaks_rules, (col.name, value, breaks_rules)
+            seen[refused] += 1
+    assert seen[True] >= 3 * len([c for c in kind.columns if c.check])
+    assert seen[False] >= 2 * len([c for c in kind.columns if c.check])
+
+
 def test_copy_body_numbers_physical_lines() -> None:
     lines = [b"h", b"r1", b"r2", b"r3"]
     assert copy_body("f.csv", lines) == b"f.csv,2,r1\nf.csv,3,r2\nf.csv,4,r3\n"
@@ -153,6 +233,21 @@ def test_copy_body_numbers_physical_lines() -> None:
 
 
 # -- landing -----------------------------------------------------------------------------------
+
+
+def test_sftp_reads_whole_files_whatever_their_size_and_the_hint(stack, cdr_dir) -> None:
+    """One request per small file, prefetch for a large one, and the size hint (the listed
+    size) never cuts a file short: a file that grew since its listing is read whole."""
+    directory, path = cdr_dir
+    sizes = [0, 1, 90_000, READ_REQUEST_SIZE - 1, READ_REQUEST_SIZE, READ_REQUEST_SIZE + 1]
+    sizes += [2 * READ_REQUEST_SIZE, 3_000_000]
+    for size in sizes:
+        (path / f"f{size}").write_bytes(os.urandom(size))
+    with CdrSftp(stack.sftp_url, directory) as sftp:
+        for size in sizes:
+            content = (path / f"f{size}").read_bytes()
+            for hint in {0, size, max(0, size - 5000)}:
+                assert sftp.read(f"f{size}", hint) == content, (size, hint)
 
 
 def test_generated_files_land_exactly(stack, cdr_dir) -> None:
@@ -256,7 +351,8 @@ def test_bad_rows_are_quarantined_with_their_reason(stack, cdr_dir) -> None:
     ]
     data_name = "cdr_data_20310401_000000.csv"
     (path / data_name).write_bytes(csv_bytes(DATA_HEADER, data_rows, "\n"))
-    # Only value problems, no quotes, CRLF: the COPY path with rows moved to rejected_rows.
+    # Only value problems, no quotes, CRLF: COPY is tried, the constraints refuse a row, and
+    # the line path lands the file.
     v = "0712345678901,12,voice,0712345678902,60,2031-04-01 00:00:01"
     voice_rows = [
         v,  # 2
@@ -343,17 +439,20 @@ def test_bad_rows_are_quarantined_with_their_reason(stack, cdr_dir) -> None:
 
 
 def test_the_copy_path_and_the_line_path_agree(stack, cdr_dir) -> None:
-    """The same value problems give the same reasons whichever path a file takes."""
+    """The same value problems give the same reasons whether COPY was tried first or not."""
     directory, path = cdr_dir
     v = "0712345678901,12,voice,0712345678902,60,2031-05-01 00:00:01"
     rows = [v, v.replace(",voice,", ",fax,"), v.replace(",60,", ",0,"), v.replace(",12,", ",-1,")]
     plain, quoted = "cdr_voice_20310501_000000.csv", "cdr_voice_20310501_000320.csv"
     (path / plain).write_bytes(csv_bytes(VOICE_HEADER, rows))
     (path / quoted).write_bytes(csv_bytes(VOICE_HEADER, [*rows, v.replace(",voice,", ',"voice",')]))
+    good = "cdr_voice_20310501_000640.csv"
+    (path / good).write_bytes(csv_bytes(VOICE_HEADER, [v, v]))
     with CdrLoader(settings_for(stack, directory), progress=False) as loader:
         loader.poll_once()
         by_path = {x.file_name: x.path for x in loader.poll_once().landed}
-    assert by_path == {plain: "copy", quoted: "lines"}
+    # COPY tries the plain file and the table's constraints refuse it; the line path lands it
+    assert by_path == {plain: "lines", quoted: "lines", good: "copy"}
     reasons = query(
         stack,
         "select source_file, line_no, reason from cdr_data.rejected_rows order by 1, 2",
@@ -362,7 +461,7 @@ def test_the_copy_path_and_the_line_path_agree(stack, cdr_dir) -> None:
         (n, r) for f, n, r in reasons if f == quoted
     ]
     assert len(reasons) == 6
-    assert landed_counts(stack) == {plain: 1, quoted: 2}
+    assert landed_counts(stack) == {plain: 1, quoted: 2, good: 2}
 
 
 def test_files_that_are_not_cdr_files_are_rejected_whole(stack, cdr_dir) -> None:
