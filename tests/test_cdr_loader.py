@@ -37,7 +37,7 @@ from ingestion.cdr_format import (
     parse_line,
     split_lines,
 )
-from ingestion.cdr_landing import copy_body
+from ingestion.cdr_landing import copy_body, prepare_session
 from ingestion.cdr_loader import CdrLoader, LoaderSettings
 from ingestion.cdr_publish import CDR_DATA_TOPIC, CDR_VOICE_TOPIC
 from ingestion.cdr_sftp import READ_REQUEST_SIZE, CdrSftp
@@ -222,6 +222,27 @@ def test_raw_table_constraints_reject_exactly_what_the_rules_reject(analytics, k
             seen[refused] += 1
     assert seen[True] >= 3 * len([c for c in kind.columns if c.check])
     assert seen[False] >= 2 * len([c for c in kind.columns if c.check])
+
+
+def test_the_loader_refuses_raw_tables_without_their_value_rules(stack, analytics) -> None:
+    """The COPY path relies on the constraints; a database bootstrapped before them gets them
+    on its next bootstrap."""
+    analytics.execute(f"alter table {VOICE.table} drop constraint {VOICE.rules_constraint}")
+    try:
+        with (
+            psycopg.connect(stack.analytics_dsn, autocommit=True) as conn,
+            pytest.raises(RuntimeError, match=f"value-rule constraints {VOICE.rules_constraint}:"),
+        ):
+            prepare_session(conn)
+    finally:
+        stack.stack.bootstrap()
+    names = {kind.rules_constraint for kind in KINDS.values()}
+    with psycopg.connect(stack.analytics_dsn, autocommit=True) as conn:
+        prepare_session(conn)
+        found = conn.execute(
+            "select conname from pg_constraint where conname = any(%s)", (list(names),)
+        ).fetchall()
+    assert {row[0] for row in found} == names
 
 
 def test_copy_body_numbers_physical_lines() -> None:
