@@ -176,7 +176,11 @@ class CdrLoader:
                 application_name="cdr_loader",
                 connect_timeout=10,
             )
-            prepare_session(conn)
+            try:
+                prepare_session(conn)
+            except BaseException:
+                conn.close()
+                raise
             self._local.conn = conn
             with self._lock:
                 self._all_resources.append(conn)
