@@ -108,7 +108,7 @@ def kind_of(file_name: str) -> Kind | None:
 def split_lines(data: bytes) -> list[bytes]:
     """The lines of a complete file (it ends with a newline), each without its CR/LF ending."""
     newlines = data.count(b"\n")
-    crlf = newlines and data.count(b"\r\n") == newlines  # every line ends CRLF: split on it
+    crlf = newlines > 0 and data.count(b"\r\n") == newlines  # every line ends CRLF: split on it
     lines = data.split(b"\r\n" if crlf else b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -215,7 +215,7 @@ def invalid_sql(kind: Kind) -> str:
     """A SQL boolean that is true for a typed row that breaks a rule (the same rules).
 
     The raw tables' value-rule constraints (`Kind.rules_constraint`) are its negation, written
-    out in `ops/sql/wtc_analytics.sql`; tests/test_cdr_format.py checks that they agree.
+    out in `ops/sql/wtc_analytics.sql`; a test in tests/test_cdr_loader.py checks that they agree.
     """
     return "(" + " or ".join(r.condition for r in rules(kind) if not r.implied) + ")"
 

@@ -24,9 +24,10 @@ WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 32 * 1024
 TIMEOUT = 30.0
 READ_REQUEST_SIZE = 255 * 1024
-"""Bytes asked for per SFTP read request: OpenSSH's sftp-server serves up to 256 KiB minus its
-header, so a CDR file (about 90 KB in the starter format) comes in one request instead of
-paramiko's 32 KiB ones. A server that serves less answers short; the read goes on from there."""
+"""Bytes asked for per SFTP read request: OpenSSH's sftp-server (9.2 here) serves up to 255 KiB
+per request (older releases 64 KiB), so a CDR file (about 90 KB in the starter format) comes in
+one request instead of paramiko's 32 KiB ones. A server that serves less answers short, and the
+read goes on from there."""
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 """Preferred when the server offers them: AEAD, one call per packet, no separate MAC."""
 
@@ -114,10 +115,10 @@ class CdrSftp:
         request (and one more that finds the end), a larger one pipelined (paramiko's prefetch).
         """
         with self._sftp.open(posixpath.join(self.directory, name), "rb") as handle:
-            handle.MAX_REQUEST_SIZE = READ_REQUEST_SIZE
             if size_hint > READ_REQUEST_SIZE:
-                handle.prefetch(size_hint)
+                handle.prefetch(size_hint)  # paramiko's own 32 KiB requests, pipelined
                 return handle.read()
+            handle.MAX_REQUEST_SIZE = READ_REQUEST_SIZE
             parts = [handle.read(READ_REQUEST_SIZE)]  # reads on until full or at the end
             while len(parts[-1]) == READ_REQUEST_SIZE:
                 parts.append(handle.read(READ_REQUEST_SIZE))

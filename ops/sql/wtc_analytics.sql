@@ -36,11 +36,11 @@ create table if not exists cdr_data.data_records (
     loaded_at timestamptz not null default now(),
     primary key (source_file, line_no)
 );
--- The value rules of ingestion/cdr_format.py as constraints (tests/test_cdr_format.py checks
--- that they reject exactly what the rules reject): COPY checks every row as it lands, and a file
--- with a row that breaks one is landed again by the line path, which files the row with its
--- reason. Added here rather than in `create table` so that a database bootstrapped before them
--- gets them too.
+-- The value rules of ingestion/cdr_format.py as constraints (a test in tests/test_cdr_loader.py
+-- checks that they reject exactly what the rules reject): COPY checks every row as it lands, and
+-- a file with a row that breaks one is landed again by the line path, which files the row with
+-- its reason. Added here rather than in `create table` so that a database bootstrapped before
+-- them gets them too.
 do $$
 begin
     if not exists (
