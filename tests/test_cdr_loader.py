@@ -794,3 +794,19 @@ def test_published_json_carries_free_text_and_nulls_intact(stack, cdr_dir, redis
     assert event["website_url"] == url
     assert event["ip_address"] is None
     assert event["event_datetime"] == "2032-07-01 00:00:01.000000"
+
+
+def test_the_loader_benchmark_runs_and_reports_its_ratios() -> None:
+    """`make bench` must keep working: a tiny run of bench.cdr_loader (its own stack) lands
+    every row on every path it measures (it asserts so) and prints the ratios."""
+    tiny = ["--pairs", "2", "--rows", "50", "--repeat", "1", "--baseline-pairs", "1"]
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.cdr_loader", *tiny],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert "4 files, 200 rows" in out
+    assert "loader / ceiling" in out and "loader / row-by-row" in out
