@@ -289,7 +289,8 @@ class Stack:
         return read_pid(self.pg_data / "postmaster.pid")
 
     def stop_postgres(self) -> None:
-        if self.postgres_pid() is None:
+        pid = self.postgres_pid()
+        if pid is None:
             return
         log.info("stopping postgres")
         subprocess.run(
@@ -299,6 +300,9 @@ class Stack:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+        # pg_ctl returns once postmaster.pid is gone, which the postmaster removes just before
+        # it exits: wait for the process itself, so that a stopped stack has nothing left running
+        wait_until(lambda: not alive(pid), "postgres to exit")
 
     def bootstrap(self) -> None:
         """Create the databases and apply the CRM source tables and the raw-layer contract."""
