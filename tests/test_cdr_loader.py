@@ -810,3 +810,4 @@ def test_the_loader_benchmark_runs_and_reports_its_ratios() -> None:
     ).stdout
     assert "4 files, 200 rows" in out
     assert "loader / ceiling" in out and "loader / row-by-row" in out
+    assert "concurrent psql sessions" in out and "loader / 2 psql sessions" in out
