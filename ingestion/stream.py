@@ -69,7 +69,10 @@ class Producer(Protocol):
 
     def publish_many(self, topic: str, items: Iterable[Item]) -> int: ...
 
-    def flush(self, timeout: float = 30.0) -> None: ...
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until what this thread published is delivered; `StreamError` if any of it was
+        not (a producer may be shared by threads: each one's flush answers for its own)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -235,12 +238,24 @@ class KafkaProducer(_Closing):
         conf.update(_kafka_config(url, config, "producer"))
         self._producer = _Producer(conf)
         self._lock = threading.Lock()
-        self._failed: list[str] = []
+        self._local = threading.local()
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is not None:
-            with self._lock:
-                self._failed.append(f"{msg.topic()}: {err}")
+    def _thread_failures(self) -> tuple[list[str], Any]:
+        """The failed deliveries of the calling thread's messages since its last flush, and the
+        delivery callback that records them. Delivery reports are served by whichever thread
+        polls or flushes, so each message carries the callback of the thread that produced it:
+        a flush never takes (and clears) another thread's failure."""
+        local = self._local
+        if not hasattr(local, "failed"):
+            failed: list[str] = []
+
+            def on_delivery(err: Any, msg: Any) -> None:
+                if err is not None:
+                    with self._lock:
+                        failed.append(f"{msg.topic()}: {err}")
+
+            local.failed, local.on_delivery = failed, on_delivery
+        return local.failed, local.on_delivery
 
     def _produce(
         self, topic: str, value: bytes, key: bytes | None, headers: dict[str, bytes] | None
@@ -248,10 +263,11 @@ class KafkaProducer(_Closing):
         from confluent_kafka import KafkaException
 
         hdrs = list(headers.items()) if headers else None
+        on_delivery = self._thread_failures()[1]
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, headers=hdrs, on_delivery=self._on_delivery
+                    topic, value=value, key=key, headers=hdrs, on_delivery=on_delivery
                 )
                 return
             except BufferError:
@@ -281,8 +297,10 @@ class KafkaProducer(_Closing):
 
     def flush(self, timeout: float = 30.0) -> None:
         left = self._producer.flush(timeout)
+        mine = self._thread_failures()[0]
         with self._lock:
-            failed, self._failed = self._failed, []
+            failed = mine[:]
+            mine.clear()
         if left:
             raise StreamError(f"kafka flush: {left} messages not delivered within {timeout} s")
         if failed:

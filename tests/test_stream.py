@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections import Counter
@@ -208,6 +209,39 @@ def test_kafka_flush_raises_when_nothing_is_delivered() -> None:
     producer.publish("t", b"lost", key=b"k")
     with pytest.raises(StreamError, match=r"not delivered|delivery failed"):
         producer.flush(timeout=10)
+
+
+def test_kafka_flush_answers_for_the_calling_threads_messages_only() -> None:
+    """A producer shared by threads (the CDR loader's workers): one thread's flush must neither
+    swallow another thread's failed delivery nor raise for it."""
+    url = "kafka://127.0.0.1:1"  # nothing listens there: every delivery fails
+    producer = open_producer(url, config={"message.timeout.ms": 300, "log_level": 0})
+    results: dict[str, str] = {}
+
+    def run(name: str, publish: bool, ready: threading.Barrier) -> None:
+        if publish:
+            producer.publish("t", name.encode(), key=b"k")
+        ready.wait()
+        if name != "first":
+            ready.wait()  # flush after the first thread's flush has served every report
+        try:
+            producer.flush(timeout=10)
+            results[name] = "delivered"
+        except StreamError:
+            results[name] = "raised"
+        if name == "first":
+            ready.wait()
+
+    ready = threading.Barrier(3)
+    threads = [
+        threading.Thread(target=run, args=(name, publish, ready))
+        for name, publish in (("first", True), ("second", True), ("idle", False))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == {"first": "raised", "second": "raised", "idle": "delivered"}
 
 
 def test_redis_two_consumers_in_a_group_split_the_work(stack) -> None:
