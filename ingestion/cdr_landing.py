@@ -2,13 +2,15 @@
 
 Two paths, one set of rules (`ingestion.cdr_format`):
 
-- the COPY path: a file without quote characters is streamed as it is (each line prefixed with
-  the file name and line number) by `COPY ... (format csv)` straight into its raw table, whose
-  constraints hold the value rules (`ops/sql/wtc_analytics.sql`), so every row is checked as it
-  lands. This is the path of every well-formed file.
+- the COPY path: a file without quote characters whose event times are all written in the
+  contract's form (`cdr_format.TIMESTAMP_PATTERN`, one regex scan) is streamed as it is (each
+  line prefixed with the file name and line number) by `COPY ... (format csv)` straight into
+  its raw table, whose constraints hold the value rules (`ops/sql/wtc_analytics.sql`), so every
+  row is checked as it lands. This is the path of every well-formed file.
 - the line path: when that COPY fails (wrong column count, a bad number or timestamp, a missing
   value, a value rule broken, bad bytes), the file's transaction is rolled back and the file
-  landed again this way; a file with quote characters takes it at once. The lines are split
+  landed again this way; a file with quote characters or an event time of another form takes
+  it at once. The lines are split
   into fields (Python's csv reader, one line at a time, so a line number is always the physical
   line) and copied as text into a temporary staging table; one statement lands the good rows
   with casts and files the bad ones with a reason.
@@ -31,8 +33,10 @@ from psycopg import errors
 from ingestion.cdr_format import (
     KINDS,
     MAX_COLUMNS,
+    TIMESTAMP_PATTERN,
     Kind,
     copy_ready,
+    event_times_written,
     header_problem,
     kind_of,
     parse_line,
@@ -127,11 +131,18 @@ def land_file(conn: psycopg.Connection, file_name: str, data: bytes) -> Landing:
     }
     lines = split_lines(data)
     if copy_ready(data):
-        try:
-            return _land(conn, kind, base, lines, copy=True)
-        except _NeedsLinePath:
-            pass  # rolled back: land it again, line by line
-    return _land(conn, kind, base, lines, copy=False)
+        body = copy_body(file_name, lines)
+        if event_times_written(body, max(len(lines) - 1, 0)):
+            try:
+                return _land(conn, kind, base, lines, body)
+            except _NeedsLinePath:
+                pass  # rolled back: land it again, line by line
+        else:
+            log.info(
+                "file needs the line path",
+                extra={"file": file_name, "cause": "an event time not of the written form"},
+            )
+    return _land(conn, kind, base, lines, None)
 
 
 class _NeedsLinePath(Exception):
@@ -139,8 +150,10 @@ class _NeedsLinePath(Exception):
 
 
 def _land(
-    conn: psycopg.Connection, kind: Kind, base: dict, lines: list[bytes], copy: bool
+    conn: psycopg.Connection, kind: Kind, base: dict, lines: list[bytes], body: bytes | None
 ) -> Landing:
+    """Land the file in one transaction: by COPY of `body` (`copy_body`), or by the line path
+    when `body` is None."""
     file_name = base["file_name"]
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS, file_name))
@@ -166,8 +179,8 @@ def _land(
             _insert_files_row(conn, base, 0, 1, None, None)
             return Landing(**base, outcome="rejected", rows_rejected=1, path="file")
 
-        if copy:
-            landed, rejected, first_at, last_at = _copy_path(conn, kind, base, lines)
+        if body is not None:
+            landed, rejected, first_at, last_at = _copy_path(conn, kind, base, body)
         else:
             landed, rejected, first_at, last_at = _line_path(conn, kind, file_name, lines)
             _insert_files_row(conn, base, landed, rejected, first_at, last_at)
@@ -178,7 +191,7 @@ def _land(
         rows_rejected=rejected,
         first_event_at=first_at,
         last_event_at=last_at,
-        path="copy" if copy else "lines",
+        path="lines" if body is None else "copy",
     )
 
 
@@ -219,16 +232,16 @@ def copy_body(file_name: str, lines: list[bytes]) -> bytes:
     return prefix + numbered.replace(b"\n", b"\n" + prefix) + b"\n"
 
 
-def _copy_path(conn: psycopg.Connection, kind: Kind, base: dict, lines: list[bytes]) -> Counts:
-    """COPY the file into its table (the table's constraints check every row), then write its
-    `files` row from the landed rows."""
+def _copy_path(conn: psycopg.Connection, kind: Kind, base: dict, body: bytes) -> Counts:
+    """COPY the file's body into its table (the table's constraints check every row), then write
+    its `files` row from the landed rows."""
     file_name = base["file_name"]
     cols = ", ".join(kind.column_names)
     try:
         with conn.cursor().copy(
             f"copy {kind.table} (source_file, line_no, {cols}) from stdin (format csv)"
         ) as copy:
-            copy.write(copy_body(file_name, lines))
+            copy.write(body)
     except (errors.DataError, errors.IntegrityError) as exc:
         log.info(
             "file needs the line path",
@@ -269,8 +282,11 @@ def _line_sql(kind: Kind) -> str:
             )
         if col.pg_type != "text":
             what = "timestamp" if col.pg_type == "timestamp" else "number"
+            bad = f"{col.name} is null"
+            if col.pg_type == "timestamp":
+                bad = f"({bad} or {col.name}_raw !~ '^{TIMESTAMP_PATTERN}$')"
             casts.append(
-                f"when {col.name} is null and {col.name}_raw <> ''"
+                f"when {bad} and {col.name}_raw <> ''"
                 f" then 'bad {what}: {col.name}=' || quote_literal({col.name}_raw)"
             )
         targets.append(col.name)

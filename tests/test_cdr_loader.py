@@ -351,7 +351,7 @@ def test_reuploaded_file_same_is_skipped_changed_is_replaced(stack, cdr_dir, cap
     ]
 
 
-def test_bad_rows_are_quarantined_with_their_reason(stack, cdr_dir) -> None:
+def test_bad_rows_are_quarantined_with_their_reason(stack, cdr_dir, caplog) -> None:
     directory, path = cdr_dir
     ok = "0712345678901,7,150000,250000,video,10.0.0.1,https://x.org/,2031-04-01 00:00:01.250000"
     data_rows = [
@@ -389,10 +389,32 @@ def test_bad_rows_are_quarantined_with_their_reason(stack, cdr_dir) -> None:
     utf8_name = "cdr_voice_20310401_000320.csv"
     (path / utf8_name).write_bytes(csv_bytes(VOICE_HEADER, [v]) + b"07\xff,1\r\n" + v.encode())
     (path / utf8_name).write_bytes((path / utf8_name).read_bytes() + b"\r\n")
-    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
-        assert loader.run_once()
+    # Event times that Postgres' timestamp input would take but the contract's form is not.
+    t = "2031-04-01 00:00:01"
+    times_rows = [
+        v,  # 2
+        v.replace(t, "now"),  # 3
+        v.replace(t, "2031-04-01"),  # 4
+        v.replace(t, t + "+05"),  # 5
+        v.replace(t, "04/01/2031 00:00:01"),  # 6
+        v.replace(t, "2031-04-01T00:00:01.5"),  # 7: ISO separator, short fraction: good
+    ]
+    times_name = "cdr_voice_20310401_000640.csv"
+    (path / times_name).write_bytes(csv_bytes(VOICE_HEADER, times_rows))
+    with (
+        caplog.at_level("INFO", logger="ingestion.cdr_landing"),
+        CdrLoader(settings_for(stack, directory), progress=False) as loader,
+    ):
+        loader.poll_once()  # first sight
         paths = {x.file_name: x.path for x in loader.poll_once().landed}
-    assert paths == {}  # nothing left to do
+        assert loader.run_once()  # nothing left to do
+    causes = {
+        r.file: r.cause for r in caplog.records if r.getMessage() == "file needs the line path"
+    }
+    assert paths == dict.fromkeys([data_name, voice_name, utf8_name, times_name], "lines")
+    assert data_name not in causes  # it has quotes: the line path at once
+    assert "voice_records_value_rules" in causes[voice_name]  # COPY tried, the table refused
+    assert causes[times_name] == "an event time not of the written form"  # COPY not tried
     reasons = dict(
         query(
             stack,
@@ -456,7 +478,25 @@ def test_bad_rows_are_quarantined_with_their_reason(stack, cdr_dir) -> None:
         "select line_no, reason from cdr_data.rejected_rows where source_file = %s",
         utf8_name,
     ) == [(3, "not valid UTF-8")]
-    assert landed_counts(stack) == {data_name: 3, voice_name: 2, utf8_name: 2}
+    times_reasons = dict(
+        query(
+            stack,
+            "select line_no, reason from cdr_data.rejected_rows where source_file = %s",
+            times_name,
+        )
+    )
+    assert times_reasons == {
+        3: "bad timestamp: start_time='now'",
+        4: "bad timestamp: start_time='2031-04-01'",
+        5: "bad timestamp: start_time='2031-04-01 00:00:01+05'",
+        6: "bad timestamp: start_time='04/01/2031 00:00:01'",
+    }
+    assert query(
+        stack,
+        "select line_no, start_time from cdr_data.voice_records where source_file = %s",
+        times_name,
+    ) == [(2, datetime(2031, 4, 1, 0, 0, 1)), (7, datetime(2031, 4, 1, 0, 0, 1, 500000))]
+    assert landed_counts(stack) == {data_name: 3, voice_name: 2, utf8_name: 2, times_name: 2}
 
 
 def test_the_copy_path_and_the_line_path_agree(stack, cdr_dir) -> None:
