@@ -17,8 +17,8 @@ create table if not exists cdr_data.files (
     first_event_at timestamp,
     last_event_at timestamp,
     loaded_at timestamptz not null default now(),
-    -- when the CDR loader published the file's rows to the stream (null: not yet, or landed by
-    -- Kafka Connect, which does not publish)
+    -- when the CDR loader published the file's rows to the stream (null: not yet; the loader
+    -- lands the CDR files on both paths, see docs/raw-layer.md)
     published_at timestamptz
 );
 
@@ -56,8 +56,9 @@ begin
         );
     end if;
 end $$;
--- Time indexes are BRIN: rows land in time order (files in name order, rows in line order), so
--- block ranges narrow a time or loaded_at filter as well as a b-tree does for the dbt
+-- Time indexes are BRIN: files land in name order and each covers a short window (the rows
+-- inside a file are not in time order), so block ranges narrow a time or loaded_at filter as
+-- well as a b-tree does for the dbt
 -- incremental runs, at a fraction of the cost per landed row (bench.cdr_loader). The b-trees of
 -- earlier bootstraps are dropped.
 drop index if exists cdr_data.data_records_event_datetime_idx;
