@@ -157,6 +157,7 @@ class CdrLoader:
         self._seen: dict[str, _Seen] = {}
         self._done: dict[str, tuple[int, int]] = {}
         self._incomplete: dict[str, tuple[int, int]] = {}
+        self._pending: dict[str, int] = {}
         self._known: dict[str, tuple[int, float]] | None = None
 
     # -- resources (one SFTP session and one Postgres connection per thread) -------------------
@@ -190,6 +191,9 @@ class CdrLoader:
         resource = getattr(self._local, what)
         setattr(self._local, what, None)
         if resource is not None:
+            with self._lock:
+                if resource in self._all_resources:
+                    self._all_resources.remove(resource)
             try:
                 resource.close()
             except Exception:
@@ -254,22 +258,27 @@ class CdrLoader:
             return result
         if candidates:
             self._land_all(candidates, result)
+            for landing in result.landed:
+                self._pending.pop(landing.file_name, None)
+            self._report_backlog()
         self.metrics.last_poll.set_to_current_time()
         return result
 
     def _select(self, listing: list[RemoteFile], result: PollResult) -> list[RemoteFile]:
         known = self._known_files()
         now = time.monotonic()
-        wall = time.time()
         listed = {f.name for f in listing}
         for name in list(self._seen):
             if name not in listed:
                 del self._seen[name]
         candidates: list[RemoteFile] = []
-        oldest: int | None = None
+        self._pending = {}  # not landed yet: name -> modification time
         for f in listing:
             key = (f.size, f.mtime)
-            if self._done.get(f.name) == key or self._incomplete.get(f.name) == key:
+            if self._done.get(f.name) == key:
+                continue
+            if self._incomplete.get(f.name) == key:
+                self._pending[f.name] = f.mtime  # still waiting for its last line
                 continue
             if kind_of(f.name) is None:
                 self._reject_name(f)
@@ -287,11 +296,17 @@ class CdrLoader:
                 result.waiting += 1
             else:
                 candidates.append(f)
-            oldest = f.mtime if oldest is None else min(oldest, f.mtime)
-        self.metrics.pending.set(result.waiting + len(candidates))
-        self.metrics.lag.set(max(0.0, wall - oldest) if oldest is not None else 0.0)
+            self._pending[f.name] = f.mtime
+        self._report_backlog()
         # Oldest window first: the timestamp in the name, data before voice.
         return sorted(candidates, key=lambda f: (f.name[-19:], f.name))
+
+    def _report_backlog(self) -> None:
+        """The pending and lag gauges from the files not landed yet."""
+        pending = self._pending
+        self.metrics.pending.set(len(pending))
+        oldest = min(pending.values(), default=None)
+        self.metrics.lag.set(0.0 if oldest is None else max(0.0, time.time() - oldest))
 
     def _known_files(self) -> dict[str, tuple[int, float]]:
         if self._known is None:

@@ -323,6 +323,38 @@ def test_file_still_being_written_is_not_taken_early(stack, cdr_dir) -> None:
     assert landed_counts(stack) == {name: 300}
 
 
+def test_metrics_count_files_rows_rejects_and_the_backlog(stack, cdr_dir) -> None:
+    """The Prometheus metrics: files by outcome, rows, rejects, and the pending files and lag
+    that a file waiting for its last line keeps up until it is complete. The LF file without
+    quotes takes the COPY path."""
+    directory, path = cdr_dir
+    v = "0712345678901,12,voice,0712345678902,60,2031-02-15 00:00:01"
+    good, bad, waiting = (f"cdr_voice_20310215_{t}.csv" for t in ("000000", "000320", "000640"))
+    (path / good).write_bytes(csv_bytes(VOICE_HEADER, [v, v, v], "\n"))
+    (path / bad).write_bytes(csv_bytes(VOICE_HEADER, [v, v.replace(",voice,", ",fax,")]))
+    content = csv_bytes(VOICE_HEADER, [v, v])
+    (path / waiting).write_bytes(content[:-2])  # the last line has no ending yet
+    os.utime(path / waiting, (time.time() - 100, time.time() - 100))
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        loader.poll_once()
+        landed = {x.file_name: (x.path, x.rows_landed) for x in loader.poll_once().landed}
+        sample = loader.metrics.registry.get_sample_value
+        assert landed == {good: ("copy", 3), bad: ("lines", 1)}
+        assert sample("cdr_loader_files_total", {"kind": "voice", "outcome": "landed"}) == 2
+        assert sample("cdr_loader_rows_landed_total", {"kind": "voice"}) == 4
+        assert sample("cdr_loader_rows_rejected_total", {"kind": "voice"}) == 1
+        assert sample("cdr_loader_pending_files", {}) == 1
+        assert sample("cdr_loader_lag_seconds", {}) >= 100
+        assert loader.poll_once().incomplete == 0  # known incomplete: not read again...
+        assert sample("cdr_loader_lag_seconds", {}) >= 100  # ...and still lagging
+        (path / waiting).write_bytes(content)
+        loader.poll_once()
+        assert [x.file_name for x in loader.poll_once().landed] == [waiting]
+        assert sample("cdr_loader_pending_files", {}) == 0
+        assert sample("cdr_loader_lag_seconds", {}) == 0
+    assert landed_counts(stack) == {good: 3, bad: 1, waiting: 2}
+
+
 def test_reuploaded_file_same_is_skipped_changed_is_replaced(stack, cdr_dir, caplog) -> None:
     directory, path = cdr_dir
     name = "cdr_voice_20310301_000000.csv"
