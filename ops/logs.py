@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from datetime import UTC, datetime
+from typing import TextIO
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -47,6 +48,19 @@ class ReadableFormatter(logging.Formatter):
         return line
 
 
+class StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to `sys.stderr` as it is when a record is logged, not as it
+    was when the handler was made (a test's output capture replaces and later closes it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass  # StreamHandler.__init__ and setStream assign it; the property answers
+
+
 def setup_logging(level: str | None = None, json_lines: bool | None = None) -> None:
     """Configure the root logger once per process.
 
@@ -56,7 +70,7 @@ def setup_logging(level: str | None = None, json_lines: bool | None = None) -> N
     fmt = os.environ.get("WTC_LOG_FORMAT")
     if json_lines is None:
         json_lines = fmt == "json" if fmt else not sys.stderr.isatty()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if json_lines else ReadableFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import subprocess
+import sys
 
 import psycopg
 
 from ops.demo import demo_env, write_env_file
-from ops.logs import JsonFormatter, ReadableFormatter
+from ops.logs import JsonFormatter, ReadableFormatter, setup_logging
 from ops.settings import Connections, StackSettings
 
 
@@ -49,6 +51,24 @@ def test_json_log_lines_carry_the_extra_fields():
     assert entry["rows"] == 1000
     assert entry["level"] == "info" and entry["logger"] == "wtc.test"
     assert "\n" not in line
+
+
+def test_logs_go_to_stderr_as_it_is_when_logging(monkeypatch):
+    """A handler set up under one stderr (a test's capture, closed later) keeps working."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        first = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", first)
+        setup_logging(level="INFO", json_lines=True)
+        first.close()
+        later = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", later)
+        logging.getLogger("wtc.test").info("after the first stderr closed")
+        assert json.loads(later.getvalue())["msg"] == "after the first stderr closed"
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
 
 
 def test_readable_log_lines():
