@@ -10,10 +10,9 @@ Two paths, one set of rules (`ingestion.cdr_format`):
 - the line path: when that COPY fails (wrong column count, a bad number or timestamp, a missing
   value, a value rule broken, bad bytes), the file's transaction is rolled back and the file
   landed again this way; a file with quote characters or an event time of another form takes
-  it at once. The lines are split
-  into fields (Python's csv reader, one line at a time, so a line number is always the physical
-  line) and copied as text into a temporary staging table; one statement lands the good rows
-  with casts and files the bad ones with a reason.
+  it at once. The lines are split into fields (Python's csv reader, one line at a time, so a
+  line number is always the physical line) and copied as text into a temporary staging table;
+  one statement lands the good rows with casts and files the bad ones with a reason.
 
 Line numbers are physical: the header is line 1, the first row line 2.
 """
