@@ -65,6 +65,11 @@ class LoaderSettings(BaseSettings):
         default=1.0, ge=0, description="a file's size must be unchanged this long to be taken"
     )
     workers: int = Field(default=2, ge=1, le=16, description="files landed in parallel")
+    rescan: bool = Field(
+        default=False,
+        description="read every file once, even one whose size and modification time match what"
+        " was landed (a re-upload that kept both); the checksum decides",
+    )
     publish: bool = Field(default=True, description="publish landed rows to the stream")
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=19101, description="Prometheus metrics (follow mode)")
@@ -265,7 +270,7 @@ class CdrLoader:
         return result
 
     def _select(self, listing: list[RemoteFile], result: PollResult) -> list[RemoteFile]:
-        known = self._known_files()
+        known = {} if self.s.rescan else self._known_files()
         now = time.monotonic()
         listed = {f.name for f in listing}
         for name in list(self._seen):
@@ -553,6 +558,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--metrics-port", type=int, help="Prometheus port in follow mode (default 19101, 0: off)"
     )
     parser.add_argument("--no-publish", action="store_true", help="land only, do not publish")
+    parser.add_argument(
+        "--rescan",
+        action="store_true",
+        help="read every file once, also those whose size and modification time match what was "
+        "landed (a changed file that kept both); unchanged files are skipped by their checksum",
+    )
     return parser.parse_args(argv)
 
 
@@ -571,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides[name] = value
     if args.no_publish:
         overrides["publish"] = False
+    if args.rescan:
+        overrides["rescan"] = True
     settings = LoaderSettings(**overrides)
     loader = CdrLoader(settings)
 

@@ -383,6 +383,31 @@ def test_reuploaded_file_same_is_skipped_changed_is_replaced(stack, cdr_dir, cap
     ]
 
 
+def test_a_changed_file_that_kept_size_and_mtime_is_found_by_a_rescan(stack, cdr_dir) -> None:
+    """A re-upload that keeps the length and the old modification time (`sftp put -p`) is not
+    read again by a plain run; `rescan` reads every file and the checksum finds the change."""
+    directory, path = cdr_dir
+    name = "cdr_voice_20310310_000000.csv"
+    v = "0712345678901,12,voice,0712345678902,60,2031-03-10 00:00:01"
+    (path / name).write_bytes(csv_bytes(VOICE_HEADER, [v, v]))
+    stamp = time.time() - 600
+    os.utime(path / name, (stamp, stamp))
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        assert loader.run_once()
+    (path / name).write_bytes(csv_bytes(VOICE_HEADER, [v, v.replace(",60,", ",61,")]))
+    os.utime(path / name, (stamp, stamp))
+    durations = "select call_duration_sec from cdr_data.voice_records order by line_no"
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        assert loader.run_once()
+        assert loader.poll_once().landed == []
+    assert query(stack, durations) == [(60,), (60,)]  # not read again: size and mtime matched
+    with CdrLoader(settings_for(stack, directory, rescan=True), progress=False) as loader:
+        loader.poll_once()
+        assert [x.outcome for x in loader.poll_once().landed] == ["replaced"]
+        assert loader.poll_once().landed == []  # once per run
+    assert query(stack, durations) == [(60,), (61,)]
+
+
 def test_bad_rows_are_quarantined_with_their_reason(stack, cdr_dir, caplog) -> None:
     directory, path = cdr_dir
     ok = "0712345678901,7,150000,250000,video,10.0.0.1,https://x.org/,2031-04-01 00:00:01.250000"
