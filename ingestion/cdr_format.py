@@ -22,10 +22,11 @@ EVENT_TIME_RANGE = ("2000-01-01 00:00:00", "2100-01-01 00:00:00")
 """Event times outside this range are absurd (also catches `infinity` and `epoch`)."""
 
 TIMESTAMP_PATTERN = r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?"
-"""The written form of an event time (the same regex in Python and in Postgres):
-`YYYY-mm-dd HH:MM:SS` with an optional fraction of up to 6 digits (`T` also separates). Postgres'
-timestamp input alone would take much more: `now`, `today`, a date without a time, `Jan 2 2024`,
-`01/02/2024` (read by DateStyle) or `... 00:00:00+05` (the offset silently dropped)."""
+"""The written form of a source timestamp, CDR event times and forex ticks alike (the same regex
+in Python and in Postgres; the tick sink checks its ticks with it too): `YYYY-mm-dd HH:MM:SS`
+with an optional fraction of up to 6 digits (`T` also separates). Postgres' timestamp input alone
+would take much more: `now`, `today`, a date without a time, `Jan 2 2024`, `01/02/2024` (read by
+DateStyle) or `... 00:00:00+05` (the offset silently dropped)."""
 
 _TIME_AT_LINE_END = re.compile(rb"," + TIMESTAMP_PATTERN.encode() + rb"\n")
 

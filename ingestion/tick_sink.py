@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ingestion.cdr_format import TIMESTAMP_PATTERN
 from ingestion.service import (
     cli_overrides,
     crash_point,
@@ -47,7 +48,7 @@ PRICE_FIELDS = ("bid_price", "ask_price", "spread")
 # What a Postgres `numeric` column stores: a larger or finer number fails the whole COPY.
 NUMERIC_MAX_INT_DIGITS = 131072
 NUMERIC_MAX_SCALE = 16383
-_TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d{1,6})?$")
+_TS_RE = re.compile(f"^{TIMESTAMP_PATTERN}$")
 
 
 class TickSinkSettings(BaseSettings):
