@@ -258,12 +258,16 @@ class KafkaProducer(_Closing):
         return local.failed, local.on_delivery
 
     def _produce(
-        self, topic: str, value: bytes, key: bytes | None, headers: dict[str, bytes] | None
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: dict[str, bytes] | None,
+        on_delivery: Any,
     ) -> None:
         from confluent_kafka import KafkaException
 
         hdrs = list(headers.items()) if headers else None
-        on_delivery = self._thread_failures()[1]
         while True:
             try:
                 self._producer.produce(
@@ -282,13 +286,14 @@ class KafkaProducer(_Closing):
         key: bytes | None = None,
         headers: dict[str, bytes] | None = None,
     ) -> None:
-        self._produce(topic, value, key, headers)
+        self._produce(topic, value, key, headers, self._thread_failures()[1])
         self._producer.poll(0)
 
     def publish_many(self, topic: str, items: Iterable[Item]) -> int:
+        on_delivery = self._thread_failures()[1]
         n = 0
         for key, value, headers in items:
-            self._produce(topic, value, key, headers)
+            self._produce(topic, value, key, headers, on_delivery)
             n += 1
             if n % 1000 == 0:
                 self._producer.poll(0)
