@@ -1127,7 +1127,7 @@ def _supervise(settings: HvsSettings, processes: int, drain: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ops.logs import setup_logging
+    from common.logs import setup_logging
 
     parser = argparse.ArgumentParser(
         prog="python -m api.hvs",

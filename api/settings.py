@@ -7,11 +7,9 @@ the prefix `HVS_` (consumer and store) or is named below (`API_USERS`).
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from ops.settings import Connections
-
-_conn = Connections()
+from common.settings import Connections, ServiceSettings
 
 # Development default only: user `wtc`, password `wtc-dev` (pbkdf2-sha256, see api/auth.py).
 DEV_API_USERS = (
@@ -19,13 +17,12 @@ DEV_API_USERS = (
 )
 
 
-class HvsSettings(BaseSettings):
-    """The high velocity store (Redis db 0) and its consumer."""
+class HvsSettings(ServiceSettings):
+    """The high velocity store (Redis db 0) and its consumer: `REDIS_URL`, `STREAM_URL`, the rest
+    `HVS_*`."""
 
     model_config = SettingsConfigDict(env_prefix="HVS_", extra="ignore", populate_by_name=True)
 
-    redis_url: str = Field(default=_conn.redis_url, alias="REDIS_URL")
-    stream_url: str = Field(default=_conn.stream_url, alias="STREAM_URL")
     retention_days: int = Field(
         default=35, ge=1, description="keys expire this long after their last write"
     )
@@ -41,7 +38,6 @@ class HvsSettings(BaseSettings):
     refresh_seconds: float = Field(
         default=0.5, ge=0, description="reload rates shared by the group's consumers this often"
     )
-    metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=19104, description="0 disables the metrics server")
 
     @property
@@ -49,12 +45,11 @@ class HvsSettings(BaseSettings):
         return self.retention_days * 86_400
 
 
-class ApiSettings(BaseSettings):
-    """The usage API."""
+class ApiSettings(Connections):
+    """The usage API: `REDIS_URL`, and the variables named below."""
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
-    redis_url: str = Field(default=_conn.redis_url, alias="REDIS_URL")
     retention_days: int = Field(default=35, ge=1, alias="HVS_RETENTION_DAYS")
     api_users: str = Field(
         default=DEV_API_USERS,

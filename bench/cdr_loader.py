@@ -31,12 +31,12 @@ from pathlib import Path
 
 import psycopg
 
+from common.logs import setup_logging
 from ingestion.cdr_format import KINDS, kind_of, split_lines
 from ingestion.cdr_landing import copy_body
 from ingestion.cdr_loader import CdrLoader, LoaderSettings
 from ingestion.cdr_sftp import CdrSftp
 from ingestion.generators.cdr import CdrConfig, cdr_files
-from ops.logs import setup_logging
 from ops.stack import throwaway
 
 log = logging.getLogger("bench.cdr_loader")

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import psycopg
 
+from common.logs import setup_logging
+from common.settings import CONTRACTS_DIR
 from ingestion.cdr_landing import land_file, prepare_session
 from ingestion.generators.cdr import CdrConfig, cdr_files
 from ops.dbt import DBT_BIN, DBT_DIR, dbt_env
-from ops.logs import setup_logging
-from ops.stack import SQL_DIR, throwaway
+from ops.stack import throwaway
 
 log = logging.getLogger("bench.dbt_cdr")
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"small": args.hours, "large": args.hours * args.factor}
     with throwaway("wtc-bench-") as stack:
         settings, state_dir = stack.s, stack.state
-        ddl = (SQL_DIR / "wtc_analytics.sql").read_text()
+        ddl = (CONTRACTS_DIR / "wtc_analytics.sql").read_text()
         with psycopg.connect(settings.pg_dsn("postgres"), autocommit=True) as conn:
             for name in sizes:
                 conn.execute(f"create database bench_{name}")

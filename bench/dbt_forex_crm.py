@@ -26,13 +26,13 @@ from decimal import Decimal
 import psycopg
 
 from bench.dbt_cdr import Timing, dbt
+from common.logs import setup_logging
+from common.settings import PROJECT_ROOT
 from ingestion.cdr_landing import land_file, prepare_session
 from ingestion.generators.cdr import CdrConfig, cdr_files
 from ingestion.generators.crm import CrmConfig, run_crm
 from ingestion.generators.forex import ForexConfig, tick_messages
 from ops.dbt import dbt_env
-from ops.logs import setup_logging
-from ops.settings import PROJECT_ROOT
 from ops.stack import throwaway
 
 log = logging.getLogger("bench.dbt_forex_crm")

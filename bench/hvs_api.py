@@ -40,7 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 import redis
 
-from ops.settings import PROJECT_ROOT
+from common.settings import PROJECT_ROOT
 
 HERE = Path(__file__).resolve().parent
 DATA_TYPES = ("video", "audio", "image", "text", "application")

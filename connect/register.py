@@ -42,8 +42,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ops.logs import setup_logging
-from ops.settings import Connections
+from common.logs import setup_logging
+from common.settings import Connections
 
 log = logging.getLogger("connect.register")
 

@@ -2,7 +2,7 @@
 
 Pure logic, no I/O. The loader turns the rules into SQL (`reason_whens`) so that rows are
 checked set-based in Postgres; the raw tables hold the same rules as constraints
-(`ops/sql/wtc_analytics.sql`); docs/raw-layer.md lists them for people.
+(`contracts/wtc_analytics.sql`); docs/raw-layer.md lists them for people.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def invalid_sql(kind: Kind) -> str:
     """A SQL boolean that is true for a typed row that breaks a rule (the same rules).
 
     The raw tables' value-rule constraints (`Kind.rules_constraint`) are its negation, written
-    out in `ops/sql/wtc_analytics.sql`; a test in tests/test_cdr_loader.py checks that they agree.
+    out in `contracts/wtc_analytics.sql`; a test in tests/test_cdr_loader.py checks that they agree.
     """
     return "(" + " or ".join(r.condition for r in rules(kind) if not r.implied) + ")"
 

@@ -5,7 +5,7 @@ Two paths, one set of rules (`ingestion.cdr_format`):
 - the COPY path: a file without quote characters whose event times are all written in the
   contract's form (`cdr_format.TIMESTAMP_PATTERN`, one regex scan) is streamed as it is (each
   line prefixed with the file name and line number) by `COPY ... (format csv)` straight into
-  its raw table, whose constraints hold the value rules (`ops/sql/wtc_analytics.sql`), so every
+  its raw table, whose constraints hold the value rules (`contracts/wtc_analytics.sql`), so every
   row is checked as it lands. This is the path of every well-formed file.
 - the line path: when that COPY fails (wrong column count, a bad number or timestamp, a missing
   value, a value rule broken, bad bytes), the file's transaction is rolled back and the file
@@ -91,7 +91,7 @@ def prepare_session(conn: psycopg.Connection) -> None:
     """Create the session's staging table and cast helpers (call once per new connection).
 
     Raises `RuntimeError` when the raw tables lack their value-rule constraints (a database
-    bootstrapped by an older `ops/sql/wtc_analytics.sql`): the COPY path relies on them.
+    bootstrapped by an older `contracts/wtc_analytics.sql`): the COPY path relies on them.
     """
     with conn.transaction():
         conn.execute(SESSION_SQL)
@@ -106,7 +106,7 @@ def prepare_session(conn: psycopg.Connection) -> None:
     if missing:
         raise RuntimeError(
             f"the raw CDR tables lack the value-rule constraints {', '.join(missing)}:"
-            " apply ops/sql/wtc_analytics.sql (`make start` does)"
+            " apply contracts/wtc_analytics.sql (`make start` does)"
         )
 
 

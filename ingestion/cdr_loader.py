@@ -28,16 +28,16 @@ from typing import Any
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
+from common.logs import setup_logging
+from common.settings import ServiceSettings
 from ingestion.cdr_format import kind_of
 from ingestion.cdr_landing import Landing, land_file, prepare_session, reject_file_name
 from ingestion.cdr_publish import publish_file, unpublished_files
 from ingestion.cdr_sftp import SFTP_ERRORS, CdrSftp, RemoteFile
 from ingestion.stream import Producer, StreamError, open_producer
-from ops.logs import setup_logging
-from ops.settings import Connections
 
 log = logging.getLogger("ingestion.cdr_loader")
 
@@ -45,21 +45,12 @@ DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 """What a lost or refused Postgres connection raises."""
 
 
-class LoaderSettings(BaseSettings):
-    """The loader's settings: connections from `ops.settings.Connections`, the rest `CDR_*`."""
+class LoaderSettings(ServiceSettings):
+    """The loader's settings: connections (`WTC_ANALYTICS_DSN`, `SFTP_URL`, `STREAM_URL`,
+    `CDR_DIR`) from `common.settings.Connections`, the rest `CDR_*`."""
 
     model_config = SettingsConfigDict(env_prefix="CDR_", extra="ignore", populate_by_name=True)
 
-    analytics_dsn: str = Field(
-        default_factory=lambda: Connections().analytics_dsn, alias="WTC_ANALYTICS_DSN"
-    )
-    sftp_url: str = Field(default_factory=lambda: Connections().sftp_url, alias="SFTP_URL")
-    stream_url: str = Field(default_factory=lambda: Connections().stream_url, alias="STREAM_URL")
-    cdr_dir: str = Field(
-        default=".",
-        alias="CDR_DIR",
-        description="directory on the SFTP server holding the files; relative to the login dir",
-    )
     poll_interval: float = Field(default=5.0, gt=0, description="seconds between polls (follow)")
     settle_seconds: float = Field(
         default=1.0, ge=0, description="a file's size must be unchanged this long to be taken"
@@ -71,7 +62,6 @@ class LoaderSettings(BaseSettings):
         " was landed (a re-upload that kept both); the checksum decides",
     )
     publish: bool = Field(default=True, description="publish landed rows to the stream")
-    metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=19101, description="Prometheus metrics (follow mode)")
     backoff_max: float = Field(default=30.0, gt=0, description="longest wait between retries")
     once_attempts: int = Field(

@@ -33,10 +33,10 @@ import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from psycopg import sql
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from ingestion import pgoutput as po
-from ingestion.service import (
+from common.logs import setup_logging
+from common.service import (
     cli_overrides,
     crash_point,
     metrics_port,
@@ -44,8 +44,8 @@ from ingestion.service import (
     stop_on_signals,
     wait_to_retry,
 )
-from ops.logs import setup_logging
-from ops.settings import Connections
+from common.settings import ServiceSettings
+from ingestion import pgoutput as po
 
 log = logging.getLogger("ingestion.crm_cdc")
 
@@ -56,17 +56,12 @@ class CdcError(RuntimeError):
     """The CDC reader cannot go on safely (setup, lost slot, unexpected change)."""
 
 
-def _connections() -> Connections:
-    return Connections()
+class CdcSettings(ServiceSettings):
+    """Settings of the CRM CDC reader: the shared `WTC_ANALYTICS_DSN` and `WTC_PROD_DSN`, the rest
+    `CRM_CDC_*`."""
 
+    model_config = SettingsConfigDict(env_prefix="CRM_CDC_", extra="ignore", populate_by_name=True)
 
-class CdcSettings(BaseSettings):
-    """Settings of the CRM CDC reader; env vars `CRM_CDC_*` (DSNs default to the shared ones)."""
-
-    model_config = SettingsConfigDict(env_prefix="CRM_CDC_", extra="ignore")
-
-    analytics_dsn: str = Field(default_factory=lambda: _connections().analytics_dsn)
-    prod_dsn: str = Field(default_factory=lambda: _connections().prod_dsn)
     slot: str = Field(default="wtc_crm_cdc", description="logical replication slot in wtc_prod")
     publication: str = Field(default="wtc_crm_cdc", description="publication in wtc_prod")
     source_schema: str = "crm_system"
@@ -77,7 +72,6 @@ class CdcSettings(BaseSettings):
     )
     poll_interval: float = Field(default=1.0, gt=0, description="seconds between polls, following")
     retry_seconds: float = Field(default=2.0, gt=0, description="wait after a lost connection")
-    metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=19103, description="Prometheus metrics port; 0 = off")
 
     @property

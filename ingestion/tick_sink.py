@@ -26,10 +26,10 @@ from decimal import Decimal
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from ingestion.cdr_format import TIMESTAMP_PATTERN
-from ingestion.service import (
+from common.logs import setup_logging
+from common.service import (
     cli_overrides,
     crash_point,
     metrics_port,
@@ -37,9 +37,9 @@ from ingestion.service import (
     stop_on_signals,
     wait_to_retry,
 )
+from common.settings import ServiceSettings
+from ingestion.cdr_format import TIMESTAMP_PATTERN
 from ingestion.stream import Message, StreamError, open_consumer
-from ops.logs import setup_logging
-from ops.settings import Connections
 
 log = logging.getLogger("ingestion.tick_sink")
 
@@ -51,14 +51,14 @@ NUMERIC_MAX_SCALE = 16383
 _TS_RE = re.compile(f"^{TIMESTAMP_PATTERN}$")
 
 
-class TickSinkSettings(BaseSettings):
-    """Settings of the tick sink; env vars `TICK_SINK_*` (DSN and stream URL default to the
-    shared `WTC_ANALYTICS_DSN` and `STREAM_URL`)."""
+class TickSinkSettings(ServiceSettings):
+    """Settings of the tick sink: the shared `WTC_ANALYTICS_DSN` and `STREAM_URL`, the rest
+    `TICK_SINK_*`."""
 
-    model_config = SettingsConfigDict(env_prefix="TICK_SINK_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="TICK_SINK_", extra="ignore", populate_by_name=True
+    )
 
-    analytics_dsn: str = Field(default_factory=lambda: Connections().analytics_dsn)
-    stream_url: str = Field(default_factory=lambda: Connections().stream_url)
     topic: str = "tick-data"
     group: str = "wtc-tick-sink"
     consumer_name: str = Field(
@@ -74,7 +74,6 @@ class TickSinkSettings(BaseSettings):
         description="--once: give up waiting when the stream reports no lag figure for this long",
     )
     retry_seconds: float = Field(default=2.0, gt=0, description="wait before retrying a batch")
-    metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=19102, description="Prometheus metrics port; 0 = off")
 
 

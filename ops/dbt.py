@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ops.settings import PROJECT_ROOT, StackSettings
+from common.settings import PROJECT_ROOT, StackSettings
 
 DBT_DIR = PROJECT_ROOT / "dbt"
 DBT_BIN = Path(sys.executable).parent / "dbt"

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.auth import hash_password
+from common.logs import setup_logging
+from common.settings import PROJECT_ROOT, StackSettings
 from ops.dbt import DBT_BIN, DBT_DIR, connection_env
-from ops.logs import setup_logging
-from ops.settings import PROJECT_ROOT, StackSettings
 from ops.stack import Stack, StackError, port_open, wait_until
 
 log = logging.getLogger("ops.demo")

@@ -25,6 +25,7 @@ import httpx
 import psycopg
 import pytest
 
+from common.settings import PROJECT_ROOT
 from ingestion.cdr_format import (
     DATA,
     KINDS,
@@ -43,7 +44,6 @@ from ingestion.cdr_publish import CDR_DATA_TOPIC, CDR_VOICE_TOPIC
 from ingestion.cdr_sftp import READ_REQUEST_SIZE, CdrSftp
 from ingestion.generators.cdr import CdrConfig, cdr_files, upload_cdr_files
 from ingestion.stream import open_consumer
-from ops.settings import PROJECT_ROOT
 from ops.stack import free_port
 
 DATA_HEADER = DATA.header.decode()
@@ -193,7 +193,7 @@ GOOD_ROWS = {
 @pytest.mark.parametrize("kind_name", sorted(KINDS))
 def test_raw_table_constraints_reject_exactly_what_the_rules_reject(analytics, kind_name) -> None:
     """The value rules are written twice, in `ingestion/cdr_format.py` (the reasons) and as the
-    raw tables' constraints (`ops/sql/wtc_analytics.sql`, which the COPY path relies on): every
+    raw tables' constraints (`contracts/wtc_analytics.sql`, which the COPY path relies on): every
     probe at the edges of every check must be accepted or refused by both alike."""
     kind = KINDS[kind_name]
     good = dict(zip(kind.column_names, GOOD_ROWS[kind_name].split(","), strict=True))

@@ -19,9 +19,9 @@ import httpx
 import psycopg
 import pytest
 
+from common.service import CRASH_EXIT_CODE
 from ingestion import pgoutput as po
 from ingestion.crm_cdc import CdcSettings, CrmCdc, Metrics, RunStats
-from ingestion.service import CRASH_EXIT_CODE
 from ops.stack import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -35,12 +35,12 @@ from api.hvs import (
     wak_units_oracle,
 )
 from api.settings import HvsSettings
+from common.settings import PROJECT_ROOT
 from ingestion.generators.forex import ForexConfig, publish_ticks, tick_messages
 from ingestion.stream import Message, open_consumer, open_producer
 from macros_py.currency import RateLookup, fx_rates_hourly
 from macros_py.indicators import Tick
 from macros_py.tariffs import call_cost_zar, data_cost_zar
-from ops.settings import PROJECT_ROOT
 from ops.stack import free_port
 
 DATA_TYPES = ("video", "audio", "image", "text", "application")

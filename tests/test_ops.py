@@ -10,9 +10,9 @@ import sys
 
 import psycopg
 
+from common.logs import JsonFormatter, ReadableFormatter, setup_logging
+from common.settings import Connections, StackSettings
 from ops.demo import demo_env, write_env_file
-from ops.logs import JsonFormatter, ReadableFormatter, setup_logging
-from ops.settings import Connections, StackSettings
 
 
 def test_settings_come_from_the_environment(monkeypatch, tmp_path):

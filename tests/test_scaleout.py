@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from common.settings import PROJECT_ROOT, Connections
 from connect.register import (
     CONNECTORS_DIR,
     ConnectorRequest,
@@ -38,7 +39,6 @@ from connect.register import (
     template_variables,
     wait_for_connect,
 )
-from ops.settings import PROJECT_ROOT, Connections
 from ops.stack import free_port
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
@@ -67,7 +67,7 @@ JDBC_INSERT_MODES = {"insert", "upsert", "update"}
 JDBC_PK_MODES = {"none", "kafka", "record_key", "record_value"}
 JDBC_SCHEMA_EVOLUTION = {"none", "basic"}
 
-# How the change-log metadata columns must be typed (ops/sql/wtc_analytics.sql).
+# How the change-log metadata columns must be typed (contracts/wtc_analytics.sql).
 METADATA_COLUMNS = {
     "__op": ("character", 1),
     "__lsn": ("bigint", None),

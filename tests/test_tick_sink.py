@@ -16,7 +16,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from ingestion.service import CRASH_EXIT_CODE
+from common.service import CRASH_EXIT_CODE
 from ingestion.stream import open_producer
 from ingestion.tick_sink import (
     BadTick,

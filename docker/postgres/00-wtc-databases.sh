@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # First-start bootstrap of the scale-out Postgres (run once by the postgres image's entrypoint
 # from /docker-entrypoint-initdb.d): create the two databases and apply the same SQL the
-# embedded stack applies (ops/sql, mounted read-only at /docker-entrypoint-initdb.d/sql; the
+# embedded stack applies (contracts/, mounted read-only at /docker-entrypoint-initdb.d/sql; the
 # entrypoint ignores that sub-directory itself, this script applies each file to its database).
 set -euo pipefail
 

@@ -1,7 +1,7 @@
 """Command line for the source generators: `python -m ingestion.generators {cdr,crm,forex} --help`.
 
 Defaults come from the environment (pydantic-settings: `WTC_GEN_*` for the generator knobs, and
-`WTC_PROD_DSN`, `STREAM_URL`, `SFTP_URL`, `CDR_DIR` via `ops.settings.Connections`); flags win.
+`WTC_PROD_DSN`, `STREAM_URL`, `SFTP_URL`, `CDR_DIR` via `common.settings.Connections`); flags win.
 A one-line JSON summary goes to stdout, logs to stderr, a progress bar to a terminal.
 """
 
@@ -20,12 +20,12 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
+from common.logs import setup_logging
+from common.settings import Connections
 from ingestion.generators.cdr import STARTER_CDR_START, CdrConfig, upload_cdr_files, write_cdr_files
 from ingestion.generators.common import STARTER_START, Pace, Profile
 from ingestion.generators.crm import CrmConfig, run_crm
 from ingestion.generators.forex import TOPIC, ForexConfig, publish_ticks
-from ops.logs import setup_logging
-from ops.settings import Connections
 
 log = logging.getLogger("ingestion.generators")
 

@@ -14,6 +14,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONTRACTS_DIR = PROJECT_ROOT / "contracts"
+"""The warehouse contract: the raw-layer DDL (`wtc_analytics.sql`) and the CRM source
+(`wtc_prod.sql`), applied by the local stack and by the compose init alike."""
 
 # Development defaults for the local stack only (documented in the README).
 DEV_PG_PASSWORD = "postgres"
@@ -77,25 +80,40 @@ class StackSettings(BaseSettings):
         return self.state_dir / "sftp" / "cdr_data"
 
 
-_stack = StackSettings()
+def local_stack() -> StackSettings:
+    """The local stack's addresses, read from the environment now (`WTC_*`): the defaults of
+    every connection below."""
+    return StackSettings()
 
 
 class Connections(BaseSettings):
     """How a process reaches the warehouse, the CRM, Redis, the stream and the SFTP server.
 
-    The variable names are the ones `.wtc/demo.env` exports.
+    Every process's settings class inherits from this one (or from `ServiceSettings`), so each
+    connection variable is defined here and nowhere else. The names are the ones `.wtc/demo.env`
+    exports; the defaults are the local stack's.
     """
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
-    analytics_dsn: str = Field(default=_stack.analytics_dsn, alias="WTC_ANALYTICS_DSN")
-    prod_dsn: str = Field(default=_stack.prod_dsn, alias="WTC_PROD_DSN")
-    redis_url: str = Field(default=_stack.redis_url, alias="REDIS_URL")
-    stream_url: str = Field(default=_stack.stream_url, alias="STREAM_URL")
-    sftp_url: str = Field(default=_stack.sftp_url, alias="SFTP_URL")
+    analytics_dsn: str = Field(
+        default_factory=lambda: local_stack().analytics_dsn, alias="WTC_ANALYTICS_DSN"
+    )
+    prod_dsn: str = Field(default_factory=lambda: local_stack().prod_dsn, alias="WTC_PROD_DSN")
+    redis_url: str = Field(default_factory=lambda: local_stack().redis_url, alias="REDIS_URL")
+    stream_url: str = Field(default_factory=lambda: local_stack().stream_url, alias="STREAM_URL")
+    sftp_url: str = Field(default_factory=lambda: local_stack().sftp_url, alias="SFTP_URL")
     cdr_dir: str = Field(
         default=".",
         alias="CDR_DIR",
         description="directory on the SFTP server holding CDR files, relative to the login's "
         "start directory",
     )
+
+
+class ServiceSettings(Connections):
+    """What every long-running process adds to its connections: where it serves its metrics.
+    Subclasses set their own `env_prefix` and their own default `metrics_port`."""
+
+    metrics_host: str = Field(default="127.0.0.1", description="address of the metrics server")
+    metrics_port: int = Field(default=0, description="Prometheus metrics port; 0 = off")

@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-log = logging.getLogger("ingestion.service")
+log = logging.getLogger("common.service")
 
 CRASH_EXIT_CODE = 75
 """Exit code of a deliberate crash at `WTC_CRASH_POINT` (tests kill the process there)."""

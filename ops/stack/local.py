@@ -11,103 +11,35 @@ SFTP server logs in the system user `cdr_data` by password (OpenSSH's `internal-
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
-from ops.logs import setup_logging
-from ops.settings import PROJECT_ROOT, StackSettings
+from common.settings import CONTRACTS_DIR, PROJECT_ROOT, StackSettings
+from ops.stack.process import (
+    StackError,
+    alive,
+    free_port,
+    is_root,
+    port_open,
+    read_pid,
+    terminate,
+    wait_until,
+)
 
 log = logging.getLogger("ops.stack")
 
-SQL_DIR = Path(__file__).resolve().parent / "sql"
 SSHD = Path("/usr/sbin/sshd")
 DEBIAN_PACKAGES = {"redis-server": "redis-server", str(SSHD): "openssh-server"}
-
-
-class StackError(RuntimeError):
-    """The stack cannot be set up or started; the message says what to do."""
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(timeout)
-        return sock.connect_ex((host, port)) == 0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check, what: str, timeout: float = 30.0, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise StackError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def read_pid(pidfile: Path) -> int | None:
-    """The pid in `pidfile` if that process is alive."""
-    try:
-        pid = int(pidfile.read_text().split()[0])
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
-    return pid if alive(pid) else None
-
-
-def alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie waiting for its parent to reap it has exited."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def terminate(pidfiles: dict[Path, str], timeout: float = 30.0) -> None:
-    """SIGTERM the processes in `pidfiles` (pidfile: what) at once, then wait for each to exit."""
-    running = {}
-    for pidfile, what in pidfiles.items():
-        pid = read_pid(pidfile)
-        if pid is None:
-            pidfile.unlink(missing_ok=True)
-            continue
-        log.info("stopping %s", what, extra={"pid": pid})
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        running[pidfile] = (pid, what)
-    deadline = time.monotonic() + timeout
-    for pidfile, (pid, what) in running.items():
-        try:
-            wait_until(lambda p=pid: not alive(p), what, max(deadline - time.monotonic(), 0.1))
-        except StackError:
-            log.warning("%s did not stop in %.0fs; killing it", what, timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        pidfile.unlink(missing_ok=True)
 
 
 @dataclass
@@ -317,7 +249,7 @@ class Stack:
             ("wtc_analytics", "wtc_analytics.sql"),
         ):
             with psycopg.connect(self.s.pg_dsn(database)) as conn:
-                conn.execute((SQL_DIR / script).read_text())
+                conn.execute((CONTRACTS_DIR / script).read_text())
 
     # -- Redis ---------------------------------------------------------------------------------
 
@@ -535,46 +467,3 @@ def throwaway(prefix: str = "wtc-") -> Iterator[Stack]:
             yield stack
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ops.stack",
-        description="Start, report and stop the embedded local stack "
-        "(Postgres, Redis, OpenSSH SFTP) under the state folder.",
-    )
-    parser.add_argument(
-        "command",
-        choices=["setup", "start", "status", "stop", "bootstrap"],
-        help="setup: install missing packages and users; start: setup, start and bootstrap; "
-        "status: report; stop: stop the project's processes and the servers; "
-        "bootstrap: create the databases and raw tables",
-    )
-    args = parser.parse_args(argv)
-    setup_logging()
-    stack = Stack()
-    try:
-        match args.command:
-            case "setup":
-                stack.setup()
-            case "start":
-                stack.start()
-            case "stop":
-                stack.stop()
-            case "bootstrap":
-                stack.bootstrap()
-            case "status":
-                rows = stack.status()
-                for c in rows:
-                    state = "up" if c.running else "down"
-                    port = f":{c.port}" if c.port else ""
-                    print(f"{c.name:<14} {state:<5} pid={c.pid or '-':<8} {port:<7} {c.detail}")
-                return 0 if all(c.running for c in rows[:3]) else 3
-    except (StackError, subprocess.CalledProcessError) as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Runtime plumbing every long-running process shares: typed settings, logging, the service loop."""
