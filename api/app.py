@@ -28,9 +28,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
-from api import keys as K
 from api.auth import Authenticator, parse_users
 from api.settings import ApiSettings
+from hvs import keys as K
 
 REQUESTS = Counter("api_requests_total", "HTTP requests", ["path", "status"])
 LATENCY = Histogram(
@@ -151,7 +151,7 @@ def _money(units: int) -> str:
 
 
 def usage_items(day: date, raw: dict[bytes, bytes]) -> list[dict[str, Any]]:
-    """The response items of one usage hash (api/keys.py layout)."""
+    """The response items of one usage hash (hvs/keys.py layout)."""
     groups = K.parse_usage(raw)
     start = f"{day:%Y-%m-%d} 00:00:00"
     items = []

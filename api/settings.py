@@ -1,48 +1,16 @@
-"""Settings of the HVS consumer and the usage API (pydantic-settings, from the environment).
-
-Connection URLs reuse the stack's variables (`REDIS_URL`, `STREAM_URL`); everything else has
-the prefix `HVS_` (consumer and store) or is named below (`API_USERS`).
-"""
+"""Settings of the usage API (pydantic-settings, from the environment)."""
 
 from __future__ import annotations
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import Connections, ServiceSettings
+from common.settings import Connections
 
 # Development default only: user `wtc`, password `wtc-dev` (pbkdf2-sha256, see api/auth.py).
 DEV_API_USERS = (
     "wtc:pbkdf2_sha256$100000$d3RjLWRldi1zYWx0LTAx$YDqgN1pd0dNkWMZ3w5T+sxVBPDo081JPAYr/olMHMEE="
 )
-
-
-class HvsSettings(ServiceSettings):
-    """The high velocity store (Redis db 0) and its consumer: `REDIS_URL`, `STREAM_URL`, the rest
-    `HVS_*`."""
-
-    model_config = SettingsConfigDict(env_prefix="HVS_", extra="ignore", populate_by_name=True)
-
-    retention_days: int = Field(
-        default=35, ge=1, description="keys expire this long after their last write"
-    )
-    group: str = "hvs"
-    consumer_name: str | None = Field(
-        default=None, description="stable name: a restart re-reads its own uncommitted entries"
-    )
-    data_topic: str = "cdr-data"
-    voice_topic: str = "cdr-voice"
-    tick_topic: str = "tick-data"
-    batch_size: int = Field(default=5000, ge=1, le=100_000)
-    poll_timeout: float = Field(default=0.5, gt=0)
-    refresh_seconds: float = Field(
-        default=0.5, ge=0, description="reload rates shared by the group's consumers this often"
-    )
-    metrics_port: int = Field(default=19104, description="0 disables the metrics server")
-
-    @property
-    def retention_seconds(self) -> int:
-        return self.retention_days * 86_400
 
 
 class ApiSettings(Connections):

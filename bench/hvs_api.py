@@ -5,7 +5,7 @@ Redis memory per subscriber-day. Prints figures and ratios; never fails on a tim
     python -m bench.hvs_api --redis-url redis://127.0.0.1:16379  # an existing one (db 14, 15)
 
 1. Consumer: N CDR events (data and voice, 50 000 subscribers, two days) plus ticks are
-   published to Redis Streams, then `api.hvs.run(drain=True)` applies them: events/s; in the
+   published to Redis Streams, then `hvs.runner.run(drain=True)` applies them: events/s; in the
    same run, the same batches prebuilt and only their Lua script calls timed (the Redis-side
    ceiling) and N processes in one group.
 2. API: one uvicorn worker serving `api.app:app` and one serving `bare_app` below (a GET that
@@ -169,7 +169,7 @@ def events(n: int, subscribers: int, seed: int = 1):
 
 
 def consumer_processes(stream_url: str, redis_url: str, count: int, keep_keys: list) -> dict:
-    """The same events again (a new group, an empty store) by `count` `python -m api.hvs
+    """The same events again (a new group, an empty store) by `count` `python -m hvs
     --drain` processes in one group; their own run times (imports excluded)."""
     r = redis.Redis.from_url(redis_url)
     keep = {k: r.dump(k) for k in keep_keys}  # the API bench reads these
@@ -184,7 +184,7 @@ def consumer_processes(stream_url: str, redis_url: str, count: int, keep_keys: l
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "api.hvs", "--drain"],
+            [sys.executable, "-m", "hvs", "--drain"],
             cwd=PROJECT_ROOT,
             env={**env, "HVS_CONSUMER_NAME": f"p{i}"},
             stdout=subprocess.DEVNULL,
@@ -215,8 +215,9 @@ def apply_ceiling(redis_url: str, n: int, subscribers: int, keep_keys: list) -> 
     """The same events' batches decoded and built beforehand (untimed), then only their Lua
     script calls back to back into an empty store: the consumer's Redis-side ceiling, measured
     in the same run (the consumer's figure is a fraction of it)."""
-    from api.hvs import Hvs, cdr_row
-    from api.settings import HvsSettings
+    from hvs.decode import cdr_row
+    from hvs.settings import HvsSettings
+    from hvs.store import Hvs
 
     r = redis.Redis.from_url(redis_url)
     hvs = Hvs(HvsSettings(redis_url=redis_url, metrics_port=0))  # loads the rates now
@@ -244,8 +245,8 @@ def apply_ceiling(redis_url: str, n: int, subscribers: int, keep_keys: list) -> 
 def bench_consumer(
     stream_url: str, redis_url: str, n: int, subscribers: int, processes: int = 2
 ) -> dict:
-    from api.hvs import run, tune_gc
-    from api.settings import HvsSettings
+    from hvs.runner import run, tune_gc
+    from hvs.settings import HvsSettings
     from ingestion.generators.forex import ForexConfig, publish_ticks
     from ingestion.stream import open_producer
 
@@ -267,7 +268,7 @@ def bench_consumer(
             p.publish_many(topic, items)
     r.config_resetstat()
     mem0 = r.info("memory")["used_memory"]
-    tune_gc()  # as `python -m api.hvs` does
+    tune_gc()  # as `python -m hvs` does
     t0 = time.perf_counter()
     applied = run(settings, threading.Event(), drain=True)
     seconds = time.perf_counter() - t0
@@ -312,8 +313,8 @@ def _buckets(name: str) -> dict[str, float]:
 def bench_latency(stream_url: str, redis_url: str, files: int = 25, every: float = 0.2) -> dict:
     """Near real time: a follow-mode consumer while files of 1000 events are published every
     `every` seconds; landing (publish) to applied, from the consumer's histogram."""
-    from api.hvs import run
-    from api.settings import HvsSettings
+    from hvs.runner import run
+    from hvs.settings import HvsSettings
     from ingestion.stream import open_producer
 
     settings = HvsSettings(

@@ -14,14 +14,17 @@ WORKDIR /app
 
 # Dependencies first (pinned by constraints.txt), so code edits do not reinstall them.
 COPY pyproject.toml constraints.txt ./
-RUN mkdir -p ops ingestion api macros_py \
-    && touch ops/__init__.py ingestion/__init__.py api/__init__.py macros_py/__init__.py \
+RUN mkdir -p common ops ingestion hvs api connect macros_py \
+    && for p in common ops ingestion hvs api connect macros_py; do touch $p/__init__.py; done \
     && pip install -c constraints.txt . \
     && pip uninstall -y wtc-analytics \
-    && rm -rf ops ingestion api macros_py build ./*.egg-info
+    && rm -rf common ops ingestion hvs api connect macros_py build ./*.egg-info
 
+COPY common common
+COPY contracts contracts
 COPY ops ops
 COPY ingestion ingestion
+COPY hvs hvs
 COPY api api
 COPY macros_py macros_py
 COPY connect connect
@@ -35,4 +38,4 @@ RUN useradd --system --uid 10001 --home-dir /app wtc \
 ENV PYTHONPATH=/app
 USER wtc
 
-CMD ["python", "-m", "api.hvs"]
+CMD ["python", "-m", "hvs"]

@@ -156,7 +156,7 @@ def start_live(stack: Stack, env: dict[str, str]) -> None:
         "cdr_loader": [PY, "-m", "ingestion.cdr_loader"],
         "tick_sink": [PY, "-m", "ingestion.tick_sink"],
         "crm_cdc": [PY, "-m", "ingestion.crm_cdc"],
-        "hvs": [PY, "-m", "api.hvs"],
+        "hvs": [PY, "-m", "hvs"],
         "api": [
             PY,
             "-m",

@@ -17,11 +17,13 @@ import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
-from api import keys as K
 from api.app import create_app
 from api.auth import Authenticator, hash_password, parse_users
-from api.hvs import Hvs, run
-from api.settings import ApiSettings, HvsSettings
+from api.settings import ApiSettings
+from hvs import keys as K
+from hvs.runner import run
+from hvs.settings import HvsSettings
+from hvs.store import Hvs
 from ingestion.cdr_loader import CdrLoader, LoaderSettings
 from ingestion.cdr_publish import publish_file
 from ingestion.generators.cdr import CdrConfig, write_cdr_files

@@ -21,21 +21,13 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from api import keys as K
-from api.hvs import (
-    BadEvent,
-    Hvs,
-    Rates,
-    call_zar_units,
-    data_zar_units,
-    decode_cdr,
-    decode_tick,
-    run,
-    wak_units,
-    wak_units_oracle,
-)
-from api.settings import HvsSettings
 from common.settings import PROJECT_ROOT
+from hvs import keys as K
+from hvs.decode import BadEvent, decode_cdr, decode_tick
+from hvs.pricing import Rates, call_zar_units, data_zar_units, wak_units, wak_units_oracle
+from hvs.runner import run
+from hvs.settings import HvsSettings
+from hvs.store import Hvs
 from ingestion.generators.forex import ForexConfig, publish_ticks, tick_messages
 from ingestion.stream import Message, open_consumer, open_producer
 from macros_py.currency import RateLookup, fx_rates_hourly
@@ -492,7 +484,7 @@ def test_follow_mode_metrics_and_sigterm(stack, redis_client):
         WTC_LOG_FORMAT="json",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.hvs"],
+        [sys.executable, "-m", "hvs"],
         cwd=PROJECT_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -554,7 +546,7 @@ def test_processes_option_runs_a_group_and_stops_on_sigterm(stack, redis_client)
         WTC_LOG_FORMAT="json",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.hvs", "--processes", "2"],
+        [sys.executable, "-m", "hvs", "--processes", "2"],
         cwd=PROJECT_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -593,7 +585,7 @@ def test_processes_stopped_while_starting_stop_cleanly(stack, redis_client):
         WTC_LOG_FORMAT="json",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.hvs", "--processes", "2"],
+        [sys.executable, "-m", "hvs", "--processes", "2"],
         cwd=PROJECT_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -169,7 +169,7 @@ def test_the_stack_has_the_architecture_parts(compose_model):
     commands = {n: s.get("command") for n, s in services.items()}
     assert commands["cdr-loader"] == ["python", "-m", "ingestion.cdr_loader"]
     assert commands["tick-sink"] == ["python", "-m", "ingestion.tick_sink"]
-    assert commands["hvs"] == ["python", "-m", "api.hvs"]
+    assert commands["hvs"] == ["python", "-m", "hvs"]
     assert commands["api"][:6] == ["uvicorn", "api.app:app", "--host", "0.0.0.0", "--port", "18089"]
     assert commands["dbt"] == ["dbt", "build"]
     assert services["connect"]["environment"]["GROUP_ID"]  # distributed mode: a worker group

@@ -1,0 +1,105 @@
+-- One flat ARGV list, no JSON (decoding JSON in Lua cost as much as the increments):
+--   ttl,
+--   nfiles, then per bitmap: key, nruns, first, last, ... (runs of consecutive offsets),
+--   nhashes, then per hash: key, nnew, nincr, then nnew + nincr times field, n,
+--   nsets, then per member: set key, member.
+-- A run is checked with one BITCOUNT and set with SETRANGE (whole bytes) and SETBIT (its ends);
+-- single offsets are checked and set with one BITFIELD per bitmap. A hash's first `nnew` fields
+-- are a usage group's event count and the fields always written with it: if HINCRBY of the count
+-- created it, the others do not exist either and one HSET writes them (a new group: one call
+-- instead of up to five). The other `nincr` fields are HINCRBY'd. Returns, for the bits that
+-- were set already, `bitmap number, offset` pairs (1-based bitmap number, in ARGV order); if
+-- there is any, nothing was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
+local ttl = ARGV[1]
+local nfiles = tonumber(ARGV[2])
+local dups, files = {}, {}
+local i = 3
+local function getbits(key, f, offs)
+  local n = #offs
+  for s = 1, n, 1000 do
+    local args = {}
+    for j = s, math.min(s + 999, n) do
+      args[#args + 1] = 'GET'; args[#args + 1] = 'u1'; args[#args + 1] = offs[j]
+    end
+    local got = redis.call('BITFIELD', key, unpack(args))
+    for k = 1, #got do
+      if got[k] == 1 then dups[#dups + 1] = f; dups[#dups + 1] = offs[s + k - 1] end
+    end
+  end
+end
+for f = 1, nfiles do
+  local key, nruns = ARGV[i], tonumber(ARGV[i + 1])
+  local singles, runs = {}, {}
+  i = i + 2
+  for _ = 1, nruns do
+    local a, b = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+    i = i + 2
+    if a == b then
+      singles[#singles + 1] = a
+    else
+      runs[#runs + 1] = a; runs[#runs + 1] = b
+      if redis.call('BITCOUNT', key, a, b, 'BIT') > 0 then
+        local offs = {}
+        for o = a, b do offs[#offs + 1] = o end
+        getbits(key, f, offs)
+      end
+    end
+  end
+  getbits(key, f, singles)
+  files[f] = {key, singles, runs}
+end
+if #dups > 0 then return dups end
+for _, file in ipairs(files) do
+  local key, singles, runs = file[1], file[2], file[3]
+  local n = #singles
+  for s = 1, n, 1000 do
+    local args = {}
+    for j = s, math.min(s + 999, n) do
+      args[#args + 1] = 'SET'; args[#args + 1] = 'u1'; args[#args + 1] = singles[j]
+      args[#args + 1] = 1
+    end
+    redis.call('BITFIELD', key, unpack(args))
+  end
+  for r = 1, #runs, 2 do
+    local a, b = runs[r], runs[r + 1]
+    local first, last = math.floor((a + 7) / 8), math.floor((b + 1) / 8) - 1
+    if first > last then
+      for o = a, b do redis.call('SETBIT', key, o, 1) end
+    else
+      for o = a, first * 8 - 1 do redis.call('SETBIT', key, o, 1) end
+      redis.call('SETRANGE', key, first, string.rep('\255', last - first + 1))
+      for o = (last + 1) * 8, b do redis.call('SETBIT', key, o, 1) end
+    end
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+local nhashes = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, nhashes do
+  local key, nnew, nincr = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
+  if nnew > 0 then
+    local n = ARGV[i + 1]
+    if redis.call('HINCRBY', key, ARGV[i], n) == tonumber(n) and nnew > 1 then
+      redis.call('HSET', key, unpack(ARGV, i + 2, i + 2 * nnew - 1))
+    else
+      for j = i + 2, i + 2 * nnew - 1, 2 do
+        redis.call('HINCRBY', key, ARGV[j], ARGV[j + 1])
+      end
+    end
+    i = i + 2 * nnew
+  end
+  for _ = 1, nincr do
+    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+local nsets = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, nsets do
+  redis.call('SADD', ARGV[i], ARGV[i + 1])
+  redis.call('EXPIRE', ARGV[i], ttl)
+  i = i + 2
+end
+return dups

@@ -1,0 +1,109 @@
+"""What both stream backends share: the message, the protocols, the errors and defaults."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Protocol, Self, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+REDIS_KEY_PREFIX = "stream:"
+"""Redis Streams key layout: topic `T` lives in the stream key `stream:T`."""
+
+DEFAULT_MAXLEN = 10_000_000
+"""Redis Streams approximate retention per topic (entries), `XADD ... MAXLEN ~`."""
+
+DEFAULT_CLAIM_IDLE_MS = 60_000
+"""Redis Streams: pending entries idle this long are taken over from (presumed dead) consumers."""
+
+Start = Literal["earliest", "latest"]
+Item = tuple[bytes | None, bytes, dict[str, bytes] | None]
+
+
+class StreamError(Exception):
+    """A stream operation failed (connection, delivery, commit, bad URL or options)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One consumed message. `position` is "partition:offset" (Kafka) or the entry id (Redis)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    position: str
+    headers: dict[str, bytes]
+
+
+@runtime_checkable
+class Producer(Protocol):
+    def publish(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: dict[str, bytes] | None = None,
+    ) -> None: ...
+
+    def publish_many(self, topic: str, items: Iterable[Item]) -> int: ...
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until what this thread published is delivered; `StreamError` if any of it was
+        not (a producer may be shared by threads: each one's flush answers for its own)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class Consumer(Protocol):
+    def poll(self, max_messages: int = 1000, timeout: float = 1.0) -> list[Message]: ...
+
+    def commit(self, messages: Sequence[Message]) -> None: ...
+
+    def lag(self) -> int | None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class _Closing:
+    """Context-manager support shared by all four classes."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:
+            log.exception("closing the stream client failed while handling another error")
+
+
+def default_consumer_name() -> str:
+    """A consumer name unique to this process (host, pid and a random suffix)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
