@@ -1,11 +1,12 @@
-"""What every long-running ingestion process shares: deliberate crash points for tests, a stop
-event set by SIGTERM/SIGINT, the Prometheus metrics server, command-line overrides of settings
-and the wait before retrying after a lost connection."""
+"""What every long-running process shares: deliberate crash points for tests, a stop event set
+by SIGTERM/SIGINT, the Prometheus metrics server, command-line overrides of settings, and the
+waits before retrying after a lost connection (fixed, or exponential with jitter)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 from typing import Any
@@ -63,3 +64,9 @@ def wait_to_retry(stop: threading.Event, seconds: float, what: str, exc: BaseExc
     """Log that `what` failed with `exc` and wait `seconds`; True when `stop` was set meanwhile."""
     log.warning(what, extra={"error": str(exc).strip(), "in_seconds": seconds})
     return stop.wait(seconds)
+
+
+def backoff(attempt: int, first: float = 0.5, longest: float = 30.0) -> float:
+    """Seconds to wait before retry number `attempt` (1, 2, ...): doubling from `first`, at most
+    `longest`, with +-20 % jitter so that processes that failed together do not retry together."""
+    return min(longest, first * 2 ** min(max(attempt - 1, 0), 16)) * random.uniform(0.8, 1.2)

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from common.service import backoff
 from hvs.metrics import BATCH_SECONDS, ERRORS, LAG, RATE
 from hvs.settings import HvsSettings
 from hvs.store import BatchResult, Hvs, Prepared
@@ -35,16 +36,18 @@ class _Stopped(Exception):
 
 
 def _retry(stop: threading.Event, what: str, fn: Callable[[], Any]) -> Any:
-    delay = 0.5
+    """`fn()` until it succeeds; Redis or the stream unreachable is retried with backoff, never
+    skipped. Raises `_Stopped` when `stop` is set while waiting."""
+    attempt = 0
     while True:
         try:
             return fn()
         except (redis.RedisError, StreamError) as exc:
+            attempt += 1
             ERRORS.labels(what).inc()
             log.error(f"{what} failed, retrying", extra={"error": str(exc)})
-            if stop.wait(delay):
+            if stop.wait(backoff(attempt, first=0.5, longest=10.0)):
                 raise _Stopped from exc
-            delay = min(delay * 2, 10.0)
 
 
 def run(

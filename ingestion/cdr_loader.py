@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
-import signal
 import sys
 import threading
 import time
@@ -26,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
 from common.logs import setup_logging
+from common.service import backoff, serve_metrics, stop_on_signals
 from common.settings import ServiceSettings
 from ingestion.cdr_format import kind_of
 from ingestion.cdr_landing import Landing, land_file, prepare_session, reject_file_name
@@ -478,7 +477,7 @@ class CdrLoader:
     # -- run modes -----------------------------------------------------------------------------
 
     def _backoff(self, attempt: int) -> float:
-        return min(self.s.backoff_max, 0.5 * 2 ** min(attempt, 10)) * random.uniform(0.8, 1.2)
+        return backoff(attempt + 1, longest=self.s.backoff_max)
 
     def run_once(self) -> bool:
         """Land every complete file, then return. False if failures persisted (see settings)."""
@@ -576,13 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["rescan"] = True
     settings = LoaderSettings(**overrides)
     loader = CdrLoader(settings)
-
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("stopping after the files in hand", extra={"signal": signal.Signals(signum).name})
-        loader.stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop_on_signals(loader.stop, "stopping after the files in hand")
     mode = "once" if args.once else "follow"
     log.info(
         "cdr loader starting",
@@ -591,11 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.once:
             return 0 if loader.run_once() else 1
-        if settings.metrics_port:
-            start_http_server(
-                settings.metrics_port, addr=settings.metrics_host, registry=loader.metrics.registry
-            )
-            log.info("metrics served", extra={"port": settings.metrics_port})
+        serve_metrics(loader.metrics.registry, settings.metrics_host, settings.metrics_port)
         loader.follow()
         return 0
     finally:
