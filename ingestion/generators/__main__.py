@@ -1,7 +1,7 @@
 """Command line for the source generators: `python -m ingestion.generators {cdr,crm,forex} --help`.
 
 Defaults come from the environment (pydantic-settings: `WTC_GEN_*` for the generator knobs, and
-`WTC_PROD_DSN`, `STREAM_URL`, `SFTP_URL`, `CDR_DIR` via `common.settings.Connections`); flags win.
+`WTC_PROD_DSN`, `STREAM_URL`, `SFTP_URL`, `CDR_DIR` from `common.settings.Connections`); flags win.
 A one-line JSON summary goes to stdout, logs to stderr, a progress bar to a terminal.
 """
 
@@ -16,8 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
 from common.logs import setup_logging
@@ -30,10 +29,11 @@ from ingestion.generators.forex import TOPIC, ForexConfig, publish_ticks
 log = logging.getLogger("ingestion.generators")
 
 
-class GeneratorSettings(BaseSettings):
-    """Generator knobs from the environment (`WTC_GEN_PROFILE`, `WTC_GEN_SEED`, ...)."""
+class GeneratorSettings(Connections):
+    """Generator knobs from the environment (`WTC_GEN_PROFILE`, `WTC_GEN_SEED`, ...), and the
+    shared connections (`WTC_PROD_DSN`, `STREAM_URL`, `SFTP_URL`, `CDR_DIR`)."""
 
-    model_config = SettingsConfigDict(env_prefix="WTC_GEN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="WTC_GEN_", extra="ignore", populate_by_name=True)
 
     profile: Profile = Profile.STARTER
     seed: int = 0
@@ -41,9 +41,6 @@ class GeneratorSettings(BaseSettings):
     pace: Pace = Pace.FAST
     speed: float = 1.0
     malformed_rate: float = 0.0
-    sftp_remote_dir: str = Field(
-        default=".", description="CDR upload directory, relative to the SFTP start directory"
-    )
 
 
 def _timestamp(text: str) -> datetime:
@@ -104,11 +101,8 @@ def _duration(args: argparse.Namespace) -> timedelta:
     return timedelta(days=2 if args.days is None else args.days)
 
 
-def build_parser(
-    settings: GeneratorSettings | None = None, connections: Connections | None = None
-) -> argparse.ArgumentParser:
+def build_parser(settings: GeneratorSettings | None = None) -> argparse.ArgumentParser:
     settings = settings or GeneratorSettings()
-    connections = connections or Connections()
     parser = argparse.ArgumentParser(
         prog="python -m ingestion.generators",
         description="Stand-ins for the starter's three sources, deterministic by seed.",
@@ -142,12 +136,12 @@ def build_parser(
     target.add_argument("--out", type=Path, help="write into this local directory instead")
     target.add_argument(
         "--sftp-url",
-        default=connections.sftp_url,
+        default=settings.sftp_url,
         help="upload to sftp://user:password@host:port/ (default: $SFTP_URL or the local stack)",
     )
     cdr.add_argument(
         "--remote-dir",
-        default=settings.sftp_remote_dir,
+        default=settings.cdr_dir,
         help="upload directory, relative to the SFTP start directory (default: %(default)s)",
     )
 
@@ -167,7 +161,7 @@ def build_parser(
         help="share of delete transactions (default: 0 starter, 0.05 realistic)",
     )
     crm.add_argument(
-        "--dsn", default=connections.prod_dsn, help="wtc_prod DSN (default: $WTC_PROD_DSN)"
+        "--dsn", default=settings.prod_dsn, help="wtc_prod DSN (default: $WTC_PROD_DSN)"
     )
 
     forex = sub.add_parser(
@@ -186,7 +180,7 @@ def build_parser(
     )
     forex.add_argument(
         "--stream-url",
-        default=connections.stream_url,
+        default=settings.stream_url,
         help="redis://... or kafka://... (default: $STREAM_URL or the local stack)",
     )
     forex.add_argument("--topic", default=TOPIC, help="(default: %(default)s)")
