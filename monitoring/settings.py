@@ -25,6 +25,10 @@ class MonitoringSettings(BaseSettings):
     redis_exporter_port: int = 19121
     receiver_port: int = 19095
     drop_probe_port: int = 19105
+    pushgateway_url: str = Field(
+        default="",
+        description="where dbt's metrics are pushed; empty: http://host:pushgateway_port",
+    )
 
     scrape_interval: str = Field(default="15s", pattern=DURATION)
     evaluation_interval: str = Field(default="15s", pattern=DURATION)
@@ -33,6 +37,10 @@ class MonitoringSettings(BaseSettings):
     group_wait: str = Field(default="30s", pattern=DURATION)
     group_interval: str = Field(default="5m", pattern=DURATION)
     repeat_interval: str = Field(default="4h", pattern=DURATION)
+
+    @property
+    def pushgateway(self) -> str:
+        return self.pushgateway_url or f"http://{self.host}:{self.pushgateway_port}"
 
     # -- alert thresholds and durations (docs/monitoring.md explains each alert) -------------------
     down_for: str = Field(default="2m", pattern=DURATION)
