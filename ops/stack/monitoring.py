@@ -84,8 +84,10 @@ class Monitoring:
         stack: StackSettings,
         settings: MonitoringSettings | None = None,
         services: dict[str, str] | None = None,
+        cdr_dir: str | None = None,
     ) -> None:
         self.stack = stack
+        self.cdr_dir = cdr_dir or os.environ.get("CDR_DIR", ".")
         self.s = settings or MonitoringSettings()
         self._services = services
         self.dir = stack.state_dir.resolve() / "monitoring"
@@ -188,7 +190,7 @@ class Monitoring:
                     "DROP_PROBE_METRICS_PORT": str(s.drop_probe_port),
                     "WTC_ANALYTICS_DSN": self.stack.analytics_dsn,
                     "SFTP_URL": self.stack.sftp_url,
-                    "CDR_DIR": os.environ.get("CDR_DIR", "."),
+                    "CDR_DIR": self.cdr_dir,
                     "WTC_LOG_FORMAT": "json",
                 },
                 service_user=False,
