@@ -313,7 +313,7 @@ def env_with_defaults(text: str) -> set[str]:
 def test_postgres_init_script_bootstraps_and_is_idempotent(stack, tmp_path):
     """Run the compose stack's init script against a real server (twice, like a restart)."""
     sql_link = tmp_path / "sql"
-    sql_link.symlink_to(PROJECT_ROOT / "ops" / "sql")
+    sql_link.symlink_to(PROJECT_ROOT / "contracts")
     script = PG_INIT_SCRIPT.read_text().replace("/docker-entrypoint-initdb.d/sql", str(sql_link))
     assert script != PG_INIT_SCRIPT.read_text()
     local = tmp_path / "init.sh"
