@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SCALE ?= small
 export DBT_PROFILES_DIR := $(CURDIR)/dbt
 
-.PHONY: help venv setup start status stop demo test lint format bench docs clean
+.PHONY: help venv setup start status stop demo test lint lint-monitoring format bench docs clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -38,6 +38,17 @@ lint: venv  ## ruff, and sqlfluff with the dbt templater (offline: the profile's
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/sqlfluff lint dbt/models dbt/macros dbt/tests --processes 2
+	$(MAKE) --no-print-directory lint-monitoring
+
+lint-monitoring: venv  ## promtool and amtool on the rendered monitoring config (local and compose)
+	@command -v promtool >/dev/null || { echo "promtool missing: make setup"; exit 1; }
+	@set -e; out=$$(mktemp -d); trap 'rm -rf "$$out"' EXIT; \
+	for flavour in local compose; do \
+	  $(PY) -m monitoring.config --out "$$out/$$flavour" $$([ $$flavour = compose ] && echo --compose) >/dev/null; \
+	  promtool check config "$$out/$$flavour/prometheus.yml"; \
+	  promtool check rules "$$out/$$flavour/rules.yml"; \
+	  amtool check-config "$$out/$$flavour/alertmanager.yml"; \
+	done
 
 format: venv  ## apply ruff's and sqlfluff's formatting and fixes
 	$(VENV)/bin/ruff check --fix .

@@ -43,6 +43,10 @@ class StackSettings(BaseSettings):
     sftp_password: str = DEV_SFTP_PASSWORD
     api_port: int = 18089
     docs_port: int = 18088
+    monitoring: bool = Field(
+        default=True,
+        description="also run Prometheus, Alertmanager and the exporters (docs/monitoring.md)",
+    )
 
     def pg_dsn(self, database: str) -> str:
         return (

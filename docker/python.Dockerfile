@@ -27,14 +27,15 @@ COPY ingestion ingestion
 COPY hvs hvs
 COPY api api
 COPY macros_py macros_py
+COPY monitoring monitoring
 COPY connect connect
 COPY dbt dbt
 
 # Run from the source tree (PROJECT_ROOT = /app) as an unprivileged user; dbt writes
 # target/ and logs/ into its project folder.
 RUN useradd --system --uid 10001 --home-dir /app wtc \
-    && mkdir -p dbt/target dbt/logs \
-    && chown -R wtc dbt
+    && mkdir -p dbt/target dbt/logs /srv/wtc/monitoring /srv/wtc/alerts \
+    && chown -R wtc dbt /srv/wtc
 ENV PYTHONPATH=/app
 USER wtc
 

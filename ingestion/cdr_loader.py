@@ -94,6 +94,8 @@ class Metrics:
             ["where"],
             registry=r,
         )
+        for where in ("sftp", "postgres", "stream", "file"):
+            self.errors.labels(where)  # exported at 0 from the start, not from the first failure
         self.lag = Gauge(
             "cdr_loader_lag_seconds",
             "Age of the oldest file waiting to be landed (0 when caught up)",

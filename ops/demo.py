@@ -179,7 +179,17 @@ def start_live(stack: Stack, env: dict[str, str]) -> None:
 
 
 def build_warehouse(stack: Stack, env: dict[str, str]) -> None:
-    run("dbt build (prepared layers and their tests)", [str(DBT_BIN), "build"], env, cwd=DBT_DIR)
+    try:
+        run("dbt build (prepared layers and their tests)", [str(DBT_BIN), "build"], env, DBT_DIR)
+    finally:
+        if stack.s.monitoring:  # the run's outcome as metrics, a failed one too
+            stack.monitoring.push_dbt("build", env)
+    if stack.s.monitoring:
+        # stale sources are what this reports, not a failed demo: its exit code is not checked
+        subprocess.run(
+            [str(DBT_BIN), "source", "freshness"], cwd=DBT_DIR, env={**os.environ, **env}
+        )
+        stack.monitoring.push_dbt("freshness", env)
     serve_docs(stack, env)
 
 
@@ -215,7 +225,7 @@ def wait_for_healthy_api(api_url: str, timeout: float = 60.0) -> None:
     wait_until(healthy, "the usage API to report healthy", timeout=timeout, interval=0.5)
 
 
-def summary(env: dict[str, str], env_file: Path) -> str:
+def summary(env: dict[str, str], env_file: Path, stack: Stack | None = None) -> str:
     user, password = env["API_USER"], env["API_PASSWORD"]
     api = env["API_URL"]
     return "\n".join(
@@ -230,6 +240,7 @@ def summary(env: dict[str, str], env_file: Path) -> str:
             f'  warehouse   psql "{env["WTC_ANALYTICS_DSN"]}"',
             f'  CRM source  psql "{env["WTC_PROD_DSN"]}"',
             f"  SFTP        {env['SFTP_URL']}",
+            *monitoring_lines(stack),
             "",
             f"  try:  source {env_file}",
             "        msisdn=$(psql -Atc 'select msisdn from cdr_data.data_records limit 1' "
@@ -240,6 +251,16 @@ def summary(env: dict[str, str], env_file: Path) -> str:
             "`make stop` stops everything.",
         ]
     )
+
+
+def monitoring_lines(stack: Stack | None) -> list[str]:
+    if stack is None or not stack.s.monitoring:
+        return []
+    m = stack.monitoring
+    return [
+        f"  Prometheus  {m.prometheus_url}  (Status > Targets: every target up; Alerts)",
+        f"  alerts      {m.alertmanager_url}, each one a line in {m.alerts_file}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         log.error("see the logs under %s; `make stop` stops what started", stack.run_dir)
         return 1
-    print(summary(env, env_file))
+    print(summary(env, env_file, stack))
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from common.settings import PROJECT_ROOT, Connections
 from connect.register import (
@@ -45,8 +46,8 @@ COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 TOPICS_SCRIPT = PROJECT_ROOT / "docker" / "redpanda" / "create-topics.sh"
 PG_INIT_SCRIPT = PROJECT_ROOT / "docker" / "postgres" / "00-wtc-databases.sh"
 PYTHON_IMAGE = "wtc-analytics/python:dev"
-PROJECT_PACKAGES = ("ops", "ingestion", "api", "macros_py", "connect")
-LOG_ENV = ("WTC_LOG_FORMAT", "WTC_LOG_LEVEL")  # read by ops/logs.py, not a settings class
+PROJECT_PACKAGES = ("common", "ops", "ingestion", "api", "macros_py", "connect", "monitoring")
+LOG_ENV = ("WTC_LOG_FORMAT", "WTC_LOG_LEVEL")  # read by common/logs.py, not a settings class
 
 # Option values as the Debezium 2.7 / Kafka Connect sources and docs define them.
 EXTRACT_NEW_RECORD_STATE = "io.debezium.transforms.ExtractNewRecordState"
@@ -132,13 +133,18 @@ def test_only_the_api_and_docs_are_published_on_loopback(compose_model):
         for name, service in compose_model["services"].items()
         for port in service.get("ports", [])
     }
-    assert published == {("api", "127.0.0.1", 18089), ("dbt-docs", "127.0.0.1", 18088)}
+    assert published == {
+        ("api", "127.0.0.1", 18089),
+        ("dbt-docs", "127.0.0.1", 18088),
+        ("prometheus", "127.0.0.1", 9090),
+        ("grafana", "127.0.0.1", 3000),
+    }
 
 
 def test_services_start_in_order_of_health(compose_model):
     services = compose_model["services"]
     one_shots = {n for n, s in services.items() if s.get("restart", "no") == "no"}
-    assert one_shots == {"topics", "connect-register", "dbt"}
+    assert one_shots == {"topics", "connect-register", "dbt", "monitoring-config"}
     for name, service in services.items():
         for dependency, how in service.get("depends_on", {}).items():
             condition = how["condition"]
@@ -163,7 +169,7 @@ def test_the_stack_has_the_architecture_parts(compose_model):
     assert pg["image"] == "postgres:15"
     assert {"wal_level=logical", "timezone=UTC"} <= set(pg["command"])
     initdb = {m["target"]: m["source"] for m in pg["volumes"] if m["type"] == "bind"}
-    assert Path(initdb["/docker-entrypoint-initdb.d/sql"]) == PROJECT_ROOT / "ops" / "sql"
+    assert Path(initdb["/docker-entrypoint-initdb.d/sql"]) == PROJECT_ROOT / "contracts"
     script = initdb["/docker-entrypoint-initdb.d/00-wtc-databases.sh"]
     assert Path(script) == PG_INIT_SCRIPT
     commands = {n: s.get("command") for n, s in services.items()}
@@ -171,7 +177,11 @@ def test_the_stack_has_the_architecture_parts(compose_model):
     assert commands["tick-sink"] == ["python", "-m", "ingestion.tick_sink"]
     assert commands["hvs"] == ["python", "-m", "hvs"]
     assert commands["api"][:6] == ["uvicorn", "api.app:app", "--host", "0.0.0.0", "--port", "18089"]
-    assert commands["dbt"] == ["dbt", "build"]
+    dbt = " ".join(commands["dbt"])
+    # the build's own status ($$ is compose's escape of $)
+    assert "dbt build; status=$$?;" in dbt and dbt.endswith("exit $$status")
+    assert "python -m monitoring.dbt_metrics build" in dbt
+    assert "python -m monitoring.dbt_metrics freshness" in dbt
     assert services["connect"]["environment"]["GROUP_ID"]  # distributed mode: a worker group
     for name, service in services.items():
         if service.get("image") == PYTHON_IMAGE:
@@ -202,7 +212,9 @@ import importlib, inspect, json, sys
 from pydantic_settings import BaseSettings
 packages, module = sys.argv[1].split(","), sys.argv[2]
 try:
-    importlib.import_module(module)
+    loaded_module = importlib.import_module(module)
+    if hasattr(loaded_module, "__path__"):  # `python -m package` runs its __main__
+        importlib.import_module(module + ".__main__")
 except ModuleNotFoundError as exc:
     if exc.name and module.startswith(exc.name):
         print(json.dumps(None))
@@ -260,12 +272,15 @@ def python_services(compose_model: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def test_log_env_names_are_the_ones_ops_logs_reads():
-    source = (PROJECT_ROOT / "ops" / "logs.py").read_text()
+    source = (PROJECT_ROOT / "common" / "logs.py").read_text()
     for name in LOG_ENV:
         assert f'"{name}"' in source
 
 
-@pytest.mark.parametrize("service", ["cdr-loader", "tick-sink", "hvs", "api", "connect-register"])
+@pytest.mark.parametrize(
+    "service",
+    ["cdr-loader", "tick-sink", "hvs", "api", "connect-register", "alert-receiver", "drop-probe"],
+)
 def test_service_env_names_exist_in_the_project_settings(compose_model, service):
     spec = python_services(compose_model)[service]
     module = module_of(spec["command"])
@@ -282,6 +297,7 @@ def test_dbt_env_names_are_the_ones_the_profile_reads(compose_model):
     read = set(re.findall(r"env_var\(\s*['\"]([A-Za-z0-9_]+)['\"]", text))
     for name in ("dbt", "dbt-docs"):
         env = set(compose_model["services"][name]["environment"]) - {"DBT_PROFILES_DIR"}
+        env = {e for e in env if not e.startswith("WTC_MON_")}  # monitoring/settings.py's
         assert env <= read, f"{name} sets variables dbt does not read: {env - read}"
         assert read <= env | {"DBT_PROFILES_DIR"} | env_with_defaults(text), read - env
 
@@ -297,7 +313,7 @@ def env_with_defaults(text: str) -> set[str]:
 def test_postgres_init_script_bootstraps_and_is_idempotent(stack, tmp_path):
     """Run the compose stack's init script against a real server (twice, like a restart)."""
     sql_link = tmp_path / "sql"
-    sql_link.symlink_to(PROJECT_ROOT / "ops" / "sql")
+    sql_link.symlink_to(PROJECT_ROOT / "contracts")
     script = PG_INIT_SCRIPT.read_text().replace("/docker-entrypoint-initdb.d/sql", str(sql_link))
     assert script != PG_INIT_SCRIPT.read_text()
     local = tmp_path / "init.sh"
@@ -725,3 +741,49 @@ def test_register_runs_as_the_compose_service_runs_it(compose_model, tmp_path):
     assert '"connection.url": "jdbc:postgresql://postgres:5432/wtc_analytics"' in result.stdout
     assert "s3cret-pw" not in result.stdout
     assert result.stdout.count('"${env:WTC_PG_PASSWORD}"') == 4
+
+
+# -- monitoring ----------------------------------------------------------------------------------
+
+
+def test_monitoring_runs_the_same_files_as_the_local_stack(compose_model, tmp_path):
+    """Prometheus and Alertmanager read what `python -m monitoring.config --compose` renders
+    (the rules template and routing the local stack renders too); Grafana the repository's
+    provisioning and dashboards; every scrape target and the receiver are compose services."""
+    from monitoring.config import COMPOSE_TARGETS
+
+    services = compose_model["services"]
+    render = services["monitoring-config"]
+    assert render["command"][:4] == ["python", "-m", "monitoring.config", "--compose"]
+    out = render["command"][render["command"].index("--out") + 1]
+    assert {v["target"] for v in render["volumes"]} == {out}
+    for name, config in (("prometheus", "prometheus.yml"), ("alertmanager", "alertmanager.yml")):
+        mounts = {v["source"]: v["target"] for v in services[name]["volumes"]}
+        target = mounts["monitoring-config"]
+        assert f"--config.file={target}/{config}" in services[name]["command"]
+        assert services[name]["depends_on"]["monitoring-config"]["condition"] == (
+            "service_completed_successfully"
+        )
+    grafana = {v["target"]: v["source"] for v in services["grafana"]["volumes"]}
+    provisioning = Path(grafana["/etc/grafana/provisioning"])
+    assert provisioning == PROJECT_ROOT / "monitoring" / "grafana" / "provisioning"
+    dashboards = Path(grafana["/var/lib/grafana/dashboards"])
+    assert sorted(dashboards.glob("*.json")), "no dashboards to provision"
+    provider = yaml.safe_load((provisioning / "dashboards" / "wtc.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    datasource = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    url = datasource["datasources"][0]["url"]
+    assert url == "http://prometheus:9090"
+    uids = {datasource["datasources"][0]["uid"]}
+    for path in dashboards.glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            if "datasource" in panel:
+                assert panel["datasource"]["uid"] in uids, (path.name, panel["title"])
+    hosts = {a.split(":")[0] for addresses in COMPOSE_TARGETS.jobs.values() for a in addresses}
+    hosts |= {COMPOSE_TARGETS.alertmanager.split(":")[0]}
+    hosts |= {COMPOSE_TARGETS.receiver_url.split("/")[2].split(":")[0]}
+    assert hosts - {"localhost"} <= set(services), hosts - set(services)
+    queries = {v["target"]: v["source"] for v in services["postgres-exporter"]["volumes"]}
+    assert Path(queries["/etc/wtc/postgres_queries.yml"]) == (
+        PROJECT_ROOT / "monitoring" / "prometheus" / "postgres_queries.yml"
+    )

@@ -8,8 +8,8 @@ local processes under the state folder (`.wtc/` by default).
 `process` holds the plumbing (ports, pidfiles, waiting, stopping), `local` the servers.
 """
 
-from ops.stack.local import Component, Stack, running, scratch_settings, throwaway
-from ops.stack.process import StackError, alive, free_port, port_open, wait_until
+from ops.stack.local import Stack, running, scratch_settings, throwaway
+from ops.stack.process import Component, StackError, alive, free_port, port_open, wait_until
 
 __all__ = [
     "Component",

@@ -19,13 +19,14 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
 from common.settings import CONTRACTS_DIR, PROJECT_ROOT, StackSettings
+from ops.stack.monitoring import Monitoring
 from ops.stack.process import (
+    Component,
     StackError,
     alive,
     free_port,
@@ -42,15 +43,6 @@ SSHD = Path("/usr/sbin/sshd")
 DEBIAN_PACKAGES = {"redis-server": "redis-server", str(SSHD): "openssh-server"}
 
 
-@dataclass
-class Component:
-    name: str
-    port: int
-    running: bool
-    pid: int | None
-    detail: str = ""
-
-
 class Stack:
     """Start, report and stop the local servers under one state folder."""
 
@@ -62,6 +54,7 @@ class Stack:
         self.redis_dir = self.state / "redis"
         self.sftp_dir = self.state / "sftp"
         self.run_dir = self.state / "run"
+        self.monitoring = Monitoring(self.s)
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -69,6 +62,8 @@ class Stack:
         missing = [pkg for binary, pkg in DEBIAN_PACKAGES.items() if not shutil.which(binary)]
         if not (self.s.pg_bin_dir / "postgres").exists():
             missing.append("postgresql-15")
+        if self.s.monitoring:
+            missing += self.monitoring.missing_packages()
         return missing
 
     def setup(self) -> None:
@@ -396,8 +391,11 @@ class Stack:
         self.start_redis()
         self.start_sftp()
         self.bootstrap()
+        if self.s.monitoring:
+            self.monitoring.start()
 
     def stop(self) -> None:
+        self.monitoring.stop()
         self.stop_processes()
         self.stop_sftp()
         self.stop_redis()
@@ -430,6 +428,8 @@ class Stack:
         for pidfile in sorted(self.run_dir.glob("*.pid")):
             pid = read_pid(pidfile)
             components.append(Component(pidfile.stem, 0, pid is not None, pid))
+        if self.s.monitoring:
+            components += self.monitoring.status()
         return components
 
 
@@ -453,6 +453,7 @@ def scratch_settings(state_dir: Path) -> StackSettings:
         sftp_port=free_port(),
         api_port=free_port(),
         docs_port=free_port(),
+        monitoring=False,  # a test that wants it starts its own (tests/test_monitoring_e2e.py)
     )
 
 

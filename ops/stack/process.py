@@ -9,9 +9,21 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("ops.stack")
+
+
+@dataclass
+class Component:
+    """One process of the stack as `status` reports it."""
+
+    name: str
+    port: int
+    running: bool
+    pid: int | None
+    detail: str = ""
 
 
 class StackError(RuntimeError):
