@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def wait_for(check: Callable[[], object], what: str, timeout: float = 60.0) -> object:
+def wait_for(check: Callable[[], object], what: str, timeout: float = 180.0) -> object:
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -189,7 +189,7 @@ def test_a_stalled_loader_fires_the_alert_and_a_restarted_one_resolves_it(
         firing = wait_for(
             lambda: received(monitoring, "CdrLoaderStalled", "firing"),
             "the stalled-loader alert at the receiver",
-            timeout=90,
+            timeout=180,
         )
         alert = firing[0]
         assert alert["labels"]["severity"] == "page"
@@ -201,7 +201,7 @@ def test_a_stalled_loader_fires_the_alert_and_a_restarted_one_resolves_it(
         resolved = wait_for(
             lambda: received(monitoring, "CdrLoaderStalled", "resolved"),
             "the alert to resolve once the loader runs again",
-            timeout=90,
+            timeout=180,
         )
         assert resolved[0]["fingerprint"] == alert["fingerprint"]
         # the files that arrived meanwhile have landed

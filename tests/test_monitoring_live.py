@@ -124,7 +124,7 @@ def test_rules_and_dashboards_parse_and_name_only_scraped_metrics(
         "tick_sink": ["-m", "ingestion.tick_sink"],
         "crm_cdc": ["-m", "ingestion.crm_cdc", "--slot", slot, "--publication", slot,
                     "--metrics-port", str(ports["crm_cdc"])],
-        "hvs": ["-m", "api.hvs"],
+        "hvs": ["-m", "hvs"],
         "api": ["-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",
                 "--port", str(ports["api"]), "--no-access-log"],
     }  # fmt: skip

@@ -46,7 +46,16 @@ COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 TOPICS_SCRIPT = PROJECT_ROOT / "docker" / "redpanda" / "create-topics.sh"
 PG_INIT_SCRIPT = PROJECT_ROOT / "docker" / "postgres" / "00-wtc-databases.sh"
 PYTHON_IMAGE = "wtc-analytics/python:dev"
-PROJECT_PACKAGES = ("common", "ops", "ingestion", "api", "macros_py", "connect", "monitoring")
+PROJECT_PACKAGES = (
+    "common",
+    "ops",
+    "ingestion",
+    "hvs",
+    "api",
+    "macros_py",
+    "connect",
+    "monitoring",
+)
 LOG_ENV = ("WTC_LOG_FORMAT", "WTC_LOG_LEVEL")  # read by common/logs.py, not a settings class
 
 # Option values as the Debezium 2.7 / Kafka Connect sources and docs define them.

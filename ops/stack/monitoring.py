@@ -51,7 +51,7 @@ DEBIAN_PACKAGES = {
 def service_targets(stack: StackSettings, s: MonitoringSettings) -> dict[str, str]:
     """The project's processes as the demo runs them: each one's metrics port from its own
     settings (so `CDR_METRICS_PORT` and the like move the scrape target too)."""
-    from api.settings import HvsSettings
+    from hvs.settings import HvsSettings
     from ingestion.cdr_loader import LoaderSettings
     from ingestion.crm_cdc import CdcSettings
     from ingestion.tick_sink import TickSinkSettings
