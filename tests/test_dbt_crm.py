@@ -56,7 +56,7 @@ BALANCE_COLUMNS = (
     "call_seconds, data_bytes, cost_zar, zar_per_wak, cost_wak, balance_wak, last_event_ts"
 )
 # No lookback: every run of the test sees exactly the rows landed since the one before.
-NO_LOOKBACK = ["--vars", json.dumps({"cdr_lookback": "0 seconds", "crm_lookback": "0 seconds"})]
+NO_LOOKBACK = ["--vars", json.dumps({"landing_lookback": "0 seconds", "crm_lookback": "0 seconds"})]
 
 
 # -- landing ---------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 {#- Helpers of the incremental marts (see models/marts/cdr/_cdr__docs.md, "incremental"). -#}
 
-{#- The `loaded_at` after which raw rows count as new for the model being built: its watermark
-    (the greatest `column` it holds) minus the lookback var('cdr_lookback'). An empty target gives
+{#- The landing time after which raw rows count as new for the model being built: its watermark
+    (the greatest `column` of `relation`, by default the model itself) minus a lookback, the var
+    named `lookback`: `landing_lookback` for the CDR loader's `loaded_at` and the forex ticks'
+    `landed_at`, `crm_lookback` for the CRM change log's `landed_at`. An empty target gives
     -infinity (everything is new). -#}
-{% macro loaded_after(column='max_loaded_at', relation=none) -%}
+{% macro loaded_after(column='max_loaded_at', relation=none, lookback='landing_lookback') -%}
     (
         select coalesce(max({{ column }}), '-infinity'::timestamptz)
-            - interval '{{ var("cdr_lookback") }}'
+            - interval '{{ var(lookback) }}'
         from {{ relation if relation is not none else this }}
     )
 {%- endmacro %}
@@ -50,6 +52,31 @@
     where t.{{ partition }} = b.{{ partition }}
         and t.{{ key[0] }} >= b.{{ key[0] }}
         and ({{ ns.target_key | join(', ') }}) >= ({{ ns.batch_key | join(', ') }});
+
+    insert into {{ target }} ({{ dest_cols_csv }})
+    select {{ dest_cols_csv }}
+    from {{ source }}
+    where {{ keep }}
+{% endmacro %}
+
+
+{#- Custom incremental strategy `replace_from`: delete every target row whose
+    config('replace_from_column') is at or after the smallest value of that column in the batch,
+    then insert the batch rows that pass config('replace_keep') (a SQL predicate, default true).
+    A batch can carry a marker row (kept out by `replace_keep`) so that the delete happens even
+    when nothing is to be inserted; an empty batch changes nothing. -#}
+{% macro get_incremental_replace_from_sql(arg_dict) %}
+    {%- set target = arg_dict['target_relation'] -%}
+    {%- set source = arg_dict['temp_relation'] -%}
+    {%- set column = config.get('replace_from_column') -%}
+    {%- set keep = config.get('replace_keep', 'true') -%}
+    {%- if not column -%}
+        {{ exceptions.raise_compiler_error("replace_from needs the config replace_from_column") }}
+    {%- endif -%}
+    {%- set dest_cols_csv = get_quoted_csv(arg_dict['dest_columns'] | map(attribute='name')) -%}
+
+    delete from {{ target }}
+    where {{ column }} >= (select min({{ column }}) from {{ source }});
 
     insert into {{ target }} ({{ dest_cols_csv }})
     select {{ dest_cols_csv }}

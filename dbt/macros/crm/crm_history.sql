@@ -20,6 +20,10 @@
     {%- set landed = (' and changes.landed_at <= ' ~ only_landed_by) if only_landed_by else '' -%}
     with
 
+    crm_changes as not materialized (
+        select * from {{ ref('int_crm__changes') }}
+    ),
+
     points as (
         select
             null::text as entity,
@@ -28,7 +32,7 @@
             max(changes.modified_ts) as point_ts,
             null::timestamptz as landed_at,
             1 as is_point
-        from (select * from {{ ref('int_crm__changes') }}) as changes
+        from crm_changes as changes
         where changes.change_op <> 'd'{{ landed }}
         group by changes.change_lsn
     ),
@@ -41,7 +45,7 @@
             null::timestamp as point_ts,
             changes.landed_at,
             0 as is_point
-        from (select * from {{ ref('int_crm__changes') }}) as changes
+        from crm_changes as changes
         where changes.change_op = 'd'
     ),
 
@@ -76,38 +80,158 @@
 {%- endmacro %}
 
 
-{#- The `landed_at` after which CRM changes count as new for the model being built: its
-    watermark (the greatest `column` it holds) minus var('crm_lookback'). -#}
-{% macro crm_landed_after(column) -%}
-    (
-        select coalesce(max({{ column }}), '-infinity'::timestamptz)
-            - interval '{{ var("crm_lookback") }}'
-        from {{ this }}
+{#- The earliest CRM time from which the versions of the three CRM tables can differ once the
+    changes landed after `landed_after` (an SQL expression) are in the log: the CRM part of a
+    rebuild cutoff (used by crm_balance_hourly). A SELECT of one row: `changed_from` (null: no
+    change landed since) and `landed_through`, the latest `landed_at` of those changes.
+    The earliest of: each new change's time and the time of the next change of its key in log
+    order (a change can land between two old ones); and for every delete landed before the new
+    changes but logged after the earliest of them, the CRM clock at it as the log stood without
+    them (a late change can move the time of an older delete; the version it ends changes only
+    from the earlier of its old and new time on, and its old clock is at least that one).
+    Twin of the rule: docs/business-rules.md, section 8 ("Where crm_balance_hourly restarts"). -#}
+{% macro crm_changed_from(landed_after) -%}
+    with
+
+    crm_changes as not materialized (
+        select * from {{ ref('int_crm__changes') }}
+    ),
+
+    delete_times as (
+        select * from {{ ref('int_crm__delete_times') }}
+    ),
+
+    new_changes as (
+        select
+            changes.entity,
+            changes.entity_key,
+            changes.change_op,
+            changes.change_lsn,
+            changes.landed_at
+        from crm_changes as changes
+        where changes.landed_at > {{ landed_after }}
+    ),
+
+    -- the logs of the keys with a new change, each change at its time (a delete at its clock)
+    key_logs as (
+        select
+            changes.entity,
+            changes.entity_key,
+            changes.change_op,
+            changes.change_lsn,
+            coalesce(deletes.delete_ts, changes.modified_ts) as change_ts
+        from crm_changes as changes
+        left join delete_times as deletes
+            on
+                changes.entity = deletes.entity
+                and changes.entity_key = deletes.entity_key
+                and changes.change_lsn = deletes.change_lsn
+        where (changes.entity, changes.entity_key) in (
+            select
+                new_changes.entity,
+                new_changes.entity_key
+            from new_changes
+        )
+    ),
+
+    key_times as (
+        select
+            entity,
+            entity_key,
+            change_lsn,
+            change_ts,
+            lead(change_ts) over (
+                partition by entity, entity_key order by {{ crm_log_order() }}
+            ) as next_change_ts
+        from key_logs
+    ),
+
+    -- deletes landed before the new changes but logged after the earliest of them (their clock
+    -- may have moved; normally there are none)
+    old_deletes_moved as (
+        select
+            changes.entity,
+            changes.entity_key,
+            changes.change_lsn
+        from crm_changes as changes
+        where
+            changes.change_op = 'd'
+            and changes.landed_at <= {{ landed_after }}
+            and changes.change_lsn > (
+                select min(new_changes.change_lsn) from new_changes
+                where new_changes.change_op <> 'd'
+            )
+    ),
+
+    -- the time of every delete by the clock of the changes landed before the new ones
+    old_delete_times as (
+        {{ crm_delete_times(landed_after) }}
+    ),
+
+    changed_at as (
+        select least(times.change_ts, times.next_change_ts) as changed_at
+        from key_times as times
+        inner join new_changes
+            on
+                times.entity = new_changes.entity
+                and times.entity_key = new_changes.entity_key
+                and times.change_lsn = new_changes.change_lsn
+        union all
+        select old_deletes.delete_ts as changed_at
+        from old_delete_times as old_deletes
+        where
+            -- a constant gate: the clock over the whole log is computed only when needed
+            exists (select 1 from old_deletes_moved)
+            and (old_deletes.entity, old_deletes.entity_key, old_deletes.change_lsn) in (
+                select
+                    old_deletes_moved.entity,
+                    old_deletes_moved.entity_key,
+                    old_deletes_moved.change_lsn
+                from old_deletes_moved
+            )
     )
+
+    select
+        (select min(changed_at.changed_at) from changed_at) as changed_from,
+        (select max(new_changes.landed_at) from new_changes) as landed_through
 {%- endmacro %}
 
 
-{#- The body of crm_<entity>_history: one row per version of a key, valid on
-    [valid_from, valid_to). `entity` is accounts, addresses or devices; `key` the key column;
-    `columns` the other columns of the row.
+{#- The body of the CRM version models (int_crm__<entity>_versions): one row per version of a
+    key, valid on [valid_from, valid_to). `entity` is accounts, addresses or devices; `key` the
+    key column; `columns` the other columns of the row.
 
     Incremental (delete+insert on the key): every version of the keys with a change landed since
-    the watermark (minus the lookback) is rebuilt from the key's whole log, and so are the keys
-    of deletes logged after the earliest new non-delete change of any table (a late change can
-    move the CRM clock, so the time, of such a delete). -#}
+    the watermark `max_landed_at` (minus var crm_lookback) is rebuilt from the key's whole log,
+    and so are the keys of deletes logged after the earliest new non-delete change of any table
+    (a late change can move the CRM clock, so the time, of such a delete). -#}
 {% macro crm_history(entity, key, columns) -%}
 -- depends_on: {{ ref('int_crm__changes') }}
 with
 
+entity_log as (
+    select * from {{ ref('stg_crm__' ~ entity ~ '_changes') }}
+),
+
+delete_times as (
+    select * from {{ ref('int_crm__delete_times') }}
+),
+
 {% if is_incremental() %}
+crm_changes as not materialized (
+    select * from {{ ref('int_crm__changes') }}
+),
+
 new_changes as (
     select
         changes.entity,
         changes.entity_key,
         changes.change_op,
         changes.change_lsn
-    from (select * from {{ ref('int_crm__changes') }}) as changes
-    where changes.landed_at > {{ crm_landed_after('max_landed_at') }}
+    from crm_changes as changes
+    where
+        changes.landed_at
+        > {{ loaded_after('max_landed_at', lookback='crm_lookback') }}
 ),
 
 affected as (
@@ -116,7 +240,7 @@ affected as (
     where new_changes.entity = '{{ entity }}'
     union
     select deletes.entity_key
-    from (select * from {{ ref('int_crm__changes') }}) as deletes
+    from crm_changes as deletes
     where
         deletes.entity = '{{ entity }}'
         and deletes.change_op = 'd'
@@ -138,8 +262,8 @@ changes as (
         log.modified_ts,
         log.landed_at,
         coalesce(deletes.delete_ts, log.modified_ts) as change_ts
-    from (select * from {{ ref('stg_crm__' ~ entity ~ '_changes') }}) as log
-    left join (select * from {{ ref('int_crm__delete_times') }}) as deletes
+    from entity_log as log
+    left join delete_times as deletes
         on
             deletes.entity = '{{ entity }}'
             and log.{{ key }} = deletes.entity_key
@@ -178,28 +302,3 @@ versions as (
 
 select * from versions
 {%- endmacro %}
-
-
-{#- Custom incremental strategy `replace_from`: delete every target row whose
-    config('replace_from_column') is at or after the smallest value of that column in the batch,
-    then insert the batch rows that pass config('replace_keep') (a SQL predicate, default true).
-    A batch can carry a marker row (kept out by `replace_keep`) so that the delete happens even
-    when nothing is to be inserted; an empty batch changes nothing. -#}
-{% macro get_incremental_replace_from_sql(arg_dict) %}
-    {%- set target = arg_dict['target_relation'] -%}
-    {%- set source = arg_dict['temp_relation'] -%}
-    {%- set column = config.get('replace_from_column') -%}
-    {%- set keep = config.get('replace_keep', 'true') -%}
-    {%- if not column -%}
-        {{ exceptions.raise_compiler_error("replace_from needs the config replace_from_column") }}
-    {%- endif -%}
-    {%- set dest_cols_csv = get_quoted_csv(arg_dict['dest_columns'] | map(attribute='name')) -%}
-
-    delete from {{ target }}
-    where {{ column }} >= (select min({{ column }}) from {{ source }});
-
-    insert into {{ target }} ({{ dest_cols_csv }})
-    select {{ dest_cols_csv }}
-    from {{ source }}
-    where {{ keep }}
-{% endmacro %}

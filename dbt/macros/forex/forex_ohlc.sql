@@ -13,12 +13,17 @@
 {%- set indicators = target.schema ~ '.' -%}
 with
 
+-- not materialized: read twice, planned through to the indexes of the table behind
+source_ticks as not materialized (
+    select * from {{ ref('stg_forex__ticks') }}
+),
+
 {% if is_incremental() %}
 changed as (
     select
         pair_name,
         min({{ time_bucket('tick_ts', width) }}) as changed_from
-    from {{ ref('stg_forex__ticks') }}
+    from source_ticks
     where landed_at > {{ loaded_after('last_landed_at') }}
     group by pair_name
 ),
@@ -68,7 +73,7 @@ ticks as (
         ticks.bid_price,
         ticks.landed_at,
         {{ time_bucket('ticks.tick_ts', width) }} as bar_start
-    from (select * from {{ ref('stg_forex__ticks') }}) as ticks
+    from source_ticks as ticks
     {% if is_incremental() %}
         inner join rebuild
             on

@@ -4,6 +4,10 @@
 -- smallest account_id. A CDR event belongs to the holder of its msisdn at its event time.
 with
 
+account_versions as (
+    select * from {{ ref('int_crm__account_versions') }}
+),
+
 versions as (
     select
         account_id,
@@ -11,7 +15,7 @@ versions as (
         version_lsn,
         valid_from,
         valid_to
-    from {{ ref('crm_accounts_history') }}
+    from account_versions
     where
         phone_number is not null
         and (valid_to is null or valid_to > valid_from)

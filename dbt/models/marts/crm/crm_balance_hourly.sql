@@ -2,63 +2,70 @@
     One row per account and hour with attributed usage (docs/business-rules.md, section 7; twin
     macros_py/balance.py): the hour's call seconds and data bytes, cost in ZAR and in WAK at the
     hour's rate (as-of lookup in fx_rates_hourly), the running balance in WAK, and the user,
-    address and device info valid at the account's last attributed event of the hour.
+    address and device info valid at the account's last attributed event of the hour. Column
+    types: the contract in _crm__models.yml.
 
-    Incremental (strategy replace_from, macros/crm/crm_history.sql): the run finds the earliest
-    instant whose result can differ from what is stored (rebuild cutoff, below), floors it to the
+    Incremental (strategy replace_from, macros/incremental.sql): the run finds the earliest
+    instant whose result can differ from what is stored (the rebuild cutoff), floors it to the
     hour, deletes every stored row from that hour on and inserts all accounts' rows from there,
     each account's balance carried over from its last stored row before the cutoff. A marker row
     (account_id null, hour_start = the cutoff) makes the delete happen even when no row is left
     to insert (a re-attribution can empty an hour). The cutoff is the earliest of:
-    - the event time of CDR rows loaded since the watermark `cdr_loaded_through` (minus var
-      cdr_lookback);
-    - for CRM changes landed since `crm_landed_through` (minus var crm_lookback): each change's
-      time, and the time of the next change of its key in log order; and for every delete landed
-      before them but logged after the earliest of them, the CRM clock at it without them (a late
-      change can move the time of an older delete; the version it ends changes only from the
-      earlier of its old and new time on, and its old clock is at least that one);
-    - the first hour of fx_rates_hourly rows landed since `rates_landed_through` (minus
-      var cdr_lookback, the lookback fx_rates_hourly itself uses).
-#}
+    - the event time of CDR rows loaded since the watermark `cdr_loaded_through`;
+    - the CRM time from which changes landed since `crm_landed_through` (minus var crm_lookback)
+      alter the versions (macros/crm/crm_history.sql, crm_changed_from);
+    - the first hour of fx_rates_hourly rows landed since `rates_landed_through`;
+    the CDR and rates watermarks minus var landing_lookback, the one fx_rates_hourly itself uses.
 
-{%- set column_types = {
-    'account_id': 'integer', 'hour_start': 'timestamp',
-    'owner_name': 'text', 'email': 'text', 'phone_number': 'text',
-    'street_address': 'text', 'city': 'text', 'state': 'text', 'postal_code': 'text',
-    'country': 'text',
-    'device_id': 'integer', 'device_name': 'text', 'device_type': 'text', 'device_os': 'text',
-    'device_count': 'bigint',
-    'call_seconds': 'bigint', 'data_bytes': 'bigint',
-    'cost_zar': 'numeric(38, 10)', 'zar_per_wak': 'numeric(38, 10)',
-    'cost_wak': 'numeric(38, 10)', 'balance_wak': 'numeric(38, 10)',
-    'last_event_ts': 'timestamp',
-    'cdr_loaded_through': 'timestamptz', 'crm_landed_through': 'timestamptz',
-    'rates_landed_through': 'timestamptz',
-} -%}
-{%- set columns = column_types.keys() | list -%}
+    Import CTEs read more than once are `not materialized`, so that Postgres plans through them
+    to the indexes of the tables behind.
+#}
 
 -- depends_on: {{ ref('int_crm__delete_times') }}, {{ ref('int_crm__changes') }}
 
 with
 
-{% if is_incremental() %}
-    new_crm_changes as (
-        select
-            changes.entity,
-            changes.entity_key,
-            changes.change_op,
-            changes.change_lsn,
-            changes.landed_at
-        from (select * from {{ ref('int_crm__changes') }}) as changes
-        where changes.landed_at > {{ crm_landed_after('crm_landed_through') }}
-    ),
+events as not materialized (
+    select * from {{ ref('int_cdr__events') }}
+),
 
+holders as (
+    select * from {{ ref('int_crm__phone_holders') }}
+),
+
+rates as not materialized (
+    select * from {{ ref('fx_rates_hourly') }}
+),
+
+account_versions as (
+    select * from {{ ref('crm_accounts_history') }}
+),
+
+address_versions as (
+    select * from {{ ref('crm_addresses_history') }}
+),
+
+device_versions as (
+    select * from {{ ref('crm_devices_history') }}
+),
+
+{% if is_incremental() %}
     new_cdr as (
         select
-            min(events.event_ts) as changed_at,
+            min(events.event_ts) as changed_from,
             max(events.loaded_at) as loaded_through
-        from (select * from {{ ref('int_cdr__events') }}) as events
+        from events
         where events.loaded_at > {{ loaded_after('cdr_loaded_through') }}
+    ),
+
+    new_crm as (
+        {{ crm_changed_from(loaded_after('crm_landed_through', lookback='crm_lookback')) }}
+    ),
+
+    new_rates as (
+        select min(rates.hour_start) as changed_from
+        from rates
+        where rates.last_landed_at > {{ loaded_after('rates_landed_through') }}
     ),
 
     -- the watermarks: the stored ones moved on by the rows new to this run (cheap: a max over
@@ -71,160 +78,56 @@ with
             ) as cdr_loaded_through,
             greatest(
                 (select max(built.crm_landed_through) from {{ this }} as built),
-                (select max(new_crm_changes.landed_at) from new_crm_changes)
+                (select new_crm.landed_through from new_crm)
             ) as crm_landed_through,
-            (
-                select max(rates.last_landed_at)
-                from (select * from {{ ref('fx_rates_hourly') }}) as rates
-            ) as rates_landed_through
-    ),
-
-    -- the time of every delete by the clock of the changes landed before this run's new ones
-    old_delete_times as (
-        {{ crm_delete_times(crm_landed_after('crm_landed_through')) }}
-    ),
-
-    delete_times as (
-        select * from {{ ref('int_crm__delete_times') }}
-    ),
-
-    crm_key_logs as (
-        select
-            changes.entity,
-            changes.entity_key,
-            changes.change_op,
-            changes.change_lsn,
-            coalesce(deletes.delete_ts, changes.modified_ts) as change_ts
-        from (select * from {{ ref('int_crm__changes') }}) as changes
-        left join delete_times as deletes
-            on
-                changes.entity = deletes.entity
-                and changes.entity_key = deletes.entity_key
-                and changes.change_lsn = deletes.change_lsn
-        where (changes.entity, changes.entity_key) in (
-            select
-                new_crm_changes.entity,
-                new_crm_changes.entity_key
-            from new_crm_changes
-        )
-    ),
-
-    crm_key_times as (
-        select
-            entity,
-            entity_key,
-            change_lsn,
-            change_ts,
-            lead(change_ts) over (
-                partition by entity, entity_key order by {{ crm_log_order() }}
-            ) as next_change_ts
-        from crm_key_logs
-    ),
-
-    -- deletes landed before the new changes but logged after the earliest of them (their clock
-    -- may have moved; normally there are none)
-    old_deletes_moved as (
-        select
-            changes.entity,
-            changes.entity_key,
-            changes.change_lsn
-        from (select * from {{ ref('int_crm__changes') }}) as changes
-        where
-            changes.change_op = 'd'
-            and changes.landed_at <= {{ crm_landed_after('crm_landed_through') }}
-            and changes.change_lsn > (
-                select min(new_crm_changes.change_lsn) from new_crm_changes
-                where new_crm_changes.change_op <> 'd'
-            )
-    ),
-
-    crm_times as (
-        select least(times.change_ts, times.next_change_ts) as changed_at
-        from crm_key_times as times
-        inner join new_crm_changes as new_changes
-            on
-                times.entity = new_changes.entity
-                and times.entity_key = new_changes.entity_key
-                and times.change_lsn = new_changes.change_lsn
-        union all
-        select old_deletes.delete_ts as changed_at
-        from old_delete_times as old_deletes
-        where
-            -- a constant gate: the clock over the whole log is computed only when needed
-            exists (select 1 from old_deletes_moved)
-            and (old_deletes.entity, old_deletes.entity_key, old_deletes.change_lsn) in (
-                select
-                    old_deletes_moved.entity,
-                    old_deletes_moved.entity_key,
-                    old_deletes_moved.change_lsn
-                from old_deletes_moved
-            )
+            (select max(rates.last_landed_at) from rates) as rates_landed_through
     ),
 
     cutoff as (
         select
-            {{ time_bucket('least(cdr.changed_at, crm.changed_at, rates.changed_at)', 'h1') }}
-                as rebuild_from
-        from
-            (select new_cdr.changed_at from new_cdr) as cdr,
-            (select min(crm_times.changed_at) as changed_at from crm_times) as crm,
-            (
-                select min(rates.hour_start) as changed_at
-                from (select * from {{ ref('fx_rates_hourly') }}) as rates
-                where rates.last_landed_at > {{ loaded_after('rates_landed_through') }}
-            ) as rates
+            {{ time_bucket(
+                'least(new_cdr.changed_from, new_crm.changed_from, new_rates.changed_from)', 'h1'
+            ) }} as rebuild_from
+        from new_cdr
+        cross join new_crm
+        cross join new_rates
     ),
 {% else %}
-marks as (
-    select
-        greatest(
-            (
-                select max(data.loaded_at)
-                from (select * from {{ ref('stg_cdr__data_records') }}) as data
-            ),
-            (
-                select max(voice.loaded_at)
-                from (select * from {{ ref('stg_cdr__voice_records') }}) as voice
-            )
-        ) as cdr_loaded_through,
-        greatest(
-            {%- for entity in ['accounts', 'addresses', 'devices'] %}
-            (
-                select max(log.landed_at)
-                from (select * from {{ ref('stg_crm__' ~ entity ~ '_changes') }}) as log
-            ){% if not loop.last %},{% endif %}
-            {%- endfor %}
-        ) as crm_landed_through,
-        (
-            select max(rates.last_landed_at)
-            from (select * from {{ ref('fx_rates_hourly') }}) as rates
-        ) as rates_landed_through
-),
+    data_records as (
+        select * from {{ ref('stg_cdr__data_records') }}
+    ),
 
+    voice_records as (
+        select * from {{ ref('stg_cdr__voice_records') }}
+    ),
+
+    {% for entity in ['accounts', 'addresses', 'devices'] %}
+        {{ entity }}_changes as (
+            select * from {{ ref('stg_crm__' ~ entity ~ '_changes') }}
+        ),
+    {% endfor %}
+
+    marks as (
+        select
+            greatest(
+                (select max(data_records.loaded_at) from data_records),
+                (select max(voice_records.loaded_at) from voice_records)
+            ) as cdr_loaded_through,
+            greatest(
+                (select max(accounts_changes.landed_at) from accounts_changes),
+                (select max(addresses_changes.landed_at) from addresses_changes),
+                (select max(devices_changes.landed_at) from devices_changes)
+            ) as crm_landed_through,
+            (select max(rates.last_landed_at) from rates) as rates_landed_through
+    ),
 {% endif %}
-
-events as (
-    select
-        events.msisdn,
-        events.event_ts,
-        events.seconds,
-        events.up_bytes + events.down_bytes as bytes
-    from (select * from {{ ref('int_cdr__events') }}) as events
-    {% if is_incremental() %}
-        where events.event_ts >= (select cutoff.rebuild_from from cutoff)
-    {% endif %}
-),
-
-holders as (
-    select * from {{ ref('int_crm__phone_holders') }}
-),
 
 attributed as (
     select
         holders.account_id,
         events.event_ts,
         events.seconds,
-        events.bytes,
+        events.up_bytes + events.down_bytes as bytes,
         {{ time_bucket('events.event_ts', 'h1') }} as hour_start
     from events
     inner join holders
@@ -232,6 +135,9 @@ attributed as (
             events.msisdn = holders.msisdn
             and events.event_ts >= holders.held_from
             and (holders.held_to is null or events.event_ts < holders.held_to)
+    {% if is_incremental() %}
+        where events.event_ts >= (select cutoff.rebuild_from from cutoff)
+    {% endif %}
 ),
 
 hourly_usage as (
@@ -250,13 +156,9 @@ hour_rates as (
         hours.hour_start,
         rate.zar_per_wak
     from (select distinct hourly_usage.hour_start from hourly_usage) as hours
-    left join lateral (
-        select rates.zar_per_wak
-        from (select * from {{ ref('fx_rates_hourly') }}) as rates
-        where rates.hour_start <= hours.hour_start
-        order by rates.hour_start desc
-        limit 1
-    ) as rate on true
+    {{ left_join_as_of(
+        'rates', 'rate', 'hours.hour_start', ['versions.zar_per_wak'], valid_from='hour_start'
+    ) }}
 ),
 
 costed as (
@@ -312,6 +214,12 @@ balanced as (
     {% endif %}
 ),
 
+{%- set valid_at_last_event = {
+    'at': 'balanced.last_event_ts',
+    'match': 'versions.account_id = balanced.account_id',
+    'valid_to': 'valid_to',
+} %}
+
 described as (
     select
         balanced.account_id,
@@ -328,87 +236,72 @@ described as (
         device_info.device_name,
         device_info.device_type,
         device_info.device_os,
+        coalesce(device_info.device_count, 0)::bigint as device_count,
         balanced.call_seconds,
         balanced.data_bytes,
         balanced.cost_zar::numeric(38, 10) as cost_zar,
         balanced.zar_per_wak::numeric(38, 10) as zar_per_wak,
         balanced.cost_wak::numeric(38, 10) as cost_wak,
-        balanced.last_event_ts,
-        marks.cdr_loaded_through,
-        marks.crm_landed_through,
-        marks.rates_landed_through,
-        coalesce(device_info.device_count, 0)::bigint as device_count,
         (case
             when balanced.carried_wak is null then balanced.running_wak
             when balanced.running_wak is null then balanced.carried_wak
             else balanced.carried_wak + balanced.running_wak
-        end)::numeric(38, 10) as balance_wak
+        end)::numeric(38, 10) as balance_wak,
+        balanced.last_event_ts,
+        marks.cdr_loaded_through,
+        marks.crm_landed_through,
+        marks.rates_landed_through
     from balanced
     cross join marks
-    left join lateral (
-        select
-            versions.owner_name,
-            versions.email,
-            versions.phone_number
-        from (select * from {{ ref('crm_accounts_history') }}) as versions
-        where
-            versions.account_id = balanced.account_id
-            and versions.valid_from <= balanced.last_event_ts
-            and (versions.valid_to is null or balanced.last_event_ts < versions.valid_to)
-        order by versions.valid_from desc, versions.version_lsn desc
-        limit 1
-    ) as account_info on true
-    left join lateral (
-        select
-            versions.street_address,
-            versions.city,
-            versions.state,
-            versions.postal_code,
-            versions.country
-        from (select * from {{ ref('crm_addresses_history') }}) as versions
-        where
-            versions.account_id = balanced.account_id
-            and versions.valid_from <= balanced.last_event_ts
-            and (versions.valid_to is null or balanced.last_event_ts < versions.valid_to)
-        order by versions.valid_from desc, versions.version_lsn desc
-        limit 1
-    ) as address_info on true
-    left join lateral (
-        select
-            versions.device_id,
-            versions.device_name,
-            versions.device_type,
-            versions.device_os,
-            count(*) over () as device_count
-        from (select * from {{ ref('crm_devices_history') }}) as versions
-        where
-            versions.account_id = balanced.account_id
-            and versions.valid_from <= balanced.last_event_ts
-            and (versions.valid_to is null or balanced.last_event_ts < versions.valid_to)
-        order by versions.valid_from desc, versions.device_id desc
-        limit 1
-    ) as device_info on true
+    {{ left_join_as_of(
+        'account_versions', 'account_info',
+        columns=['versions.owner_name', 'versions.email', 'versions.phone_number'],
+        tie_break='version_lsn', **valid_at_last_event
+    ) }}
+    {{ left_join_as_of(
+        'address_versions', 'address_info',
+        columns=[
+            'versions.street_address', 'versions.city', 'versions.state',
+            'versions.postal_code', 'versions.country',
+        ],
+        tie_break='version_lsn', **valid_at_last_event
+    ) }}
+    {{ left_join_as_of(
+        'device_versions', 'device_info',
+        columns=[
+            'versions.device_id', 'versions.device_name', 'versions.device_type',
+            'versions.device_os', 'count(*) over () as device_count',
+        ],
+        tie_break='device_id', **valid_at_last_event
+    ) }}
 ),
 
 final as (
-    select {{ columns | join(', ') }}
-    from described
+    select * from described
     {% if is_incremental() %}
         union all
-        -- the marker row: carries the cutoff to the replace_from strategy, never inserted
+        -- the marker row: carries the cutoff to the replace_from strategy, never inserted; its
+        -- nulls come from an empty row of `described`, of its column types
+        {#- described's columns (a unit test's `model` is the test, not this model) #}
+        {%- set columns = [
+            'account_id', 'hour_start', 'owner_name', 'email', 'phone_number', 'street_address',
+            'city', 'state', 'postal_code', 'country', 'device_id', 'device_name', 'device_type',
+            'device_os', 'device_count', 'call_seconds', 'data_bytes', 'cost_zar', 'zar_per_wak',
+            'cost_wak', 'balance_wak', 'last_event_ts', 'cdr_loaded_through',
+            'crm_landed_through', 'rates_landed_through',
+        ] %}
         select
             {%- for column in columns %}
-                {% if column == 'hour_start' %}cutoff.rebuild_from{% else %}null{% endif %}
-                    as {{ column }}
-                {%- if not loop.last %},{% endif %}
+                {% if column == 'hour_start' -%}
+                    cutoff.rebuild_from as hour_start
+                {%- else -%}
+                    no_row.{{ column }}
+                {%- endif %}{% if not loop.last %},{% endif %}
             {%- endfor %}
         from cutoff
+        left join described as no_row on false
         where cutoff.rebuild_from is not null
     {% endif %}
 )
 
-select
-    {%- for column, column_type in column_types.items() %}
-        {{ column }}::{{ column_type }} as {{ column }}{% if not loop.last %},{% endif %}
-    {%- endfor %}
-from final
+select * from final

@@ -10,10 +10,15 @@
 
 with
 
+-- not materialized: read twice, planned through to the indexes of the table behind
+ticks as not materialized (
+    select * from {{ ref('stg_forex__ticks') }}
+),
+
 {% if is_incremental() %}
     changed as (
         select min({{ time_bucket('ticks.tick_ts', 'h1') }}) as changed_from
-        from (select * from {{ ref('stg_forex__ticks') }}) as ticks
+        from ticks
         where ticks.landed_at > {{ loaded_after('last_landed_at') }}
     ),
 
@@ -36,7 +41,7 @@ hourly as (
         {{ div10('sum(ticks.bid_price + ticks.ask_price)', '2 * count(*)') }} as mid,
         count(*) as ticks,
         max(ticks.landed_at) as last_landed_at
-    from (select * from {{ ref('stg_forex__ticks') }}) as ticks
+    from ticks
     {% if is_incremental() %}
         where ticks.tick_ts >= coalesce(
             (select carried.hour_start from carried) + interval '1 hour',
