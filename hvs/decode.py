@@ -23,21 +23,6 @@ class BadEvent(ValueError):
 
 
 @dataclass(slots=True)
-class CdrEvent:
-    msisdn: str
-    category: str  # 'data' | 'call'
-    usage_type: str
-    up: int
-    down: int
-    seconds: int
-    day: str  # YYYYmmdd
-    hour: str  # YYYYmmddHH
-    source_file: str
-    line_no: int
-    landed_at: float | None  # epoch seconds of the file landing / publish
-
-
-@dataclass(slots=True)
 class TickEvent:
     pair: str
     hour: str
@@ -197,7 +182,11 @@ def cdr_row(obj: dict, category: str) -> CdrRow:
 
 def load_cdr(value: bytes, category: str) -> tuple[CdrRow, dict]:
     """The checked row and the decoded object of one CDR event's bytes (`category` 'data' or
-    'call'); raises BadEvent with the reason. The consumer's hot path calls this per event."""
+    'call'); raises BadEvent with the reason. The consumer's hot path calls this per event.
+
+    The CDR event encoding: a JSON object of the typed raw row (columns of
+    cdr_data.data_records / voice_records) plus `event_id` = `source_file:line_no` and
+    optionally `loaded_at` (read by `landed_at`)."""
     try:
         obj = _loads(value)
     except _JSONDecodeError:
@@ -213,27 +202,6 @@ def cdr_category(topic: str, topics: dict[str, str] | None = None) -> str:
     if category is None:
         raise BadEvent(f"not a CDR topic: {topic!r}")
     return category
-
-
-def decode_cdr(msg: Message, category: str | None = None) -> CdrEvent:
-    """The one place that knows the CDR event encoding: a JSON object of the typed raw row
-    (columns of cdr_data.data_records / voice_records) plus `event_id` = `source_file:line_no`
-    and optionally `loaded_at` (see `cdr_row`, `landed_at`)."""
-    row, obj = load_cdr(msg.value, category or cdr_category(msg.topic))
-    msisdn, day, category, usage_type, up, down, seconds, hour, source_file, line_no = row
-    return CdrEvent(
-        msisdn,
-        category,
-        usage_type,
-        up,
-        down,
-        seconds,
-        day,
-        hour,
-        source_file,
-        line_no,
-        landed_at(obj, msg.headers, msg.position),
-    )
 
 
 def _price_units(obj: dict, name: str) -> int:

@@ -31,7 +31,6 @@ from decimal import Decimal
 PREFIX = "hvs:"
 MONEY_SCALE = 10
 """Money in Redis is an integer count of 10^-MONEY_SCALE units (ZAR or WAK): exact, HINCRBY."""
-MONEY_UNIT = Decimal(1).scaleb(-MONEY_SCALE)
 
 FX_KEY = f"{PREFIX}fx"
 PENDING_INDEX = f"{PREFIX}wakpend"
@@ -49,9 +48,6 @@ ZAR = "zar"
 WAK = "wak"
 ZAR_PENDING = "zp"
 
-DATA_METRICS = (EVENTS, UP, DOWN, BYTES, ZAR, WAK, ZAR_PENDING)
-CALL_METRICS = (EVENTS, SECONDS, ZAR, WAK, ZAR_PENDING)
-
 
 def usage_key(msisdn: str, day: str) -> str:
     """The usage hash of `msisdn` on `day` (`YYYYmmdd`)."""
@@ -68,7 +64,7 @@ def seen_key(source_file: str) -> str:
 
 
 def fx_field(hour: str, pair: str, what: str) -> str:
-    """`what` is `s` (sum of bid + ask, 1e-4 units) or `n` (tick count)."""
+    """`what` is `s` (sum of bid + ask, 1e-10 units) or `n` (tick count)."""
     return f"{hour}:{pair}:{what}"
 
 
