@@ -27,9 +27,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import date, datetime, timedelta
 from decimal import Decimal
+from typing import Final
 
 PREFIX = "hvs:"
-MONEY_SCALE = 10
+MONEY_SCALE: Final = 10
 """Money in Redis is an integer count of 10^-MONEY_SCALE units (ZAR or WAK): exact, HINCRBY."""
 
 FX_KEY = f"{PREFIX}fx"
@@ -117,9 +118,11 @@ def to_units(amount: Decimal) -> int:
     return units
 
 
-def parse_usage(
-    raw: dict[bytes, bytes] | dict[str, str],
-) -> dict[tuple[str, str], dict[str, int]]:
+UsageHash = dict[bytes | str, bytes | str]
+"""A usage hash as redis-py returns it: bytes, or str with `decode_responses`."""
+
+
+def parse_usage(raw: UsageHash) -> dict[tuple[str, str], dict[str, int]]:
     """{(category, usage_type): {metric: value}} of one usage hash."""
     out: dict[tuple[str, str], dict[str, int]] = {}
     for f, v in raw.items():
