@@ -34,9 +34,11 @@ stop: venv  ## stop everything the demo started, gracefully
 demo: venv  ## set up, run the whole pipeline, leave the API and docs serving (SCALE=small|starter)
 	$(PY) -m ops.demo --scale $(SCALE)
 
-lint: venv  ## ruff, and sqlfluff with the dbt templater (offline: the profile's `lint` target)
+lint: venv  ## ruff, mypy, the import rules, and sqlfluff with the dbt templater (offline: the profile's `lint` target)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/sqlfluff lint dbt/models dbt/macros dbt/tests --processes 2
 	$(MAKE) --no-print-directory lint-monitoring
 

@@ -150,7 +150,7 @@ def _money(units: int) -> str:
     return format(K.money(units), "f")
 
 
-def usage_items(day: date, raw: dict[bytes, bytes]) -> list[dict[str, Any]]:
+def usage_items(day: date, raw: K.UsageHash) -> list[dict[str, Any]]:
     """The response items of one usage hash (hvs/keys.py layout)."""
     groups = K.parse_usage(raw)
     start = f"{day:%Y-%m-%d} 00:00:00"

@@ -48,11 +48,11 @@ class ReadableFormatter(logging.Formatter):
         return line
 
 
-class StderrHandler(logging.StreamHandler):
+class StderrHandler(logging.StreamHandler[TextIO]):
     """A stream handler that writes to `sys.stderr` as it is when a record is logged, not as it
     was when the handler was made (a test's output capture replaces and later closes it)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 

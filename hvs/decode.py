@@ -10,6 +10,7 @@ import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 import orjson
 
@@ -23,21 +24,6 @@ class BadEvent(ValueError):
 
 
 @dataclass(slots=True)
-class CdrEvent:
-    msisdn: str
-    category: str  # 'data' | 'call'
-    usage_type: str
-    up: int
-    down: int
-    seconds: int
-    day: str  # YYYYmmdd
-    hour: str  # YYYYmmddHH
-    source_file: str
-    line_no: int
-    landed_at: float | None  # epoch seconds of the file landing / publish
-
-
-@dataclass(slots=True)
 class TickEvent:
     pair: str
     hour: str
@@ -47,15 +33,18 @@ class TickEvent:
 
 CDR_TOPICS = {"cdr-data": "data", "cdr-voice": "call"}
 
+JsonObject = dict[str, Any]
+"""A decoded JSON object: its values are checked where they are read."""
 
-def _text(obj: dict, name: str) -> str:
+
+def _text(obj: JsonObject, name: str) -> str:
     v = obj.get(name)
     if type(v) is not str or not v:
         raise BadEvent(f"{name} missing or not a string")
     return v
 
 
-def _count(obj: dict, name: str) -> int:
+def _count(obj: JsonObject, name: str) -> int:
     v = obj.get(name)
     if type(v) is int and v >= 0:
         return v
@@ -64,7 +53,7 @@ def _count(obj: dict, name: str) -> int:
     raise BadEvent(f"{name} must be an integer >= 0, got {v!r}")
 
 
-def _when(obj: dict, name: str) -> datetime:
+def _when(obj: JsonObject, name: str) -> datetime:
     v = _text(obj, name)
     try:
         ts = datetime.fromisoformat(v)
@@ -88,7 +77,7 @@ def _epoch(value: str) -> float | None:
     return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
 
 
-def landed_at(obj: dict, headers: dict[str, bytes], position: str) -> float | None:
+def landed_at(obj: JsonObject, headers: dict[str, bytes], position: str) -> float | None:
     """When the event's file landed: `loaded_at` in the value or a header, else `published_at`
     header, else the Redis stream entry id's publish time (ms)."""
     v = obj.get("loaded_at")
@@ -108,7 +97,7 @@ def landed_at(obj: dict, headers: dict[str, bytes], position: str) -> float | No
 _TYPE_OK: set[str] = set()
 
 
-def _usage_type(obj: dict, name: str) -> str:
+def _usage_type(obj: JsonObject, name: str) -> str:
     v = _text(obj, name)
     if v in _TYPE_OK:
         return v
@@ -119,7 +108,7 @@ def _usage_type(obj: dict, name: str) -> str:
     return v
 
 
-def _load_object(value: bytes) -> dict:
+def _load_object(value: bytes) -> JsonObject:
     try:
         obj = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
@@ -139,7 +128,7 @@ _DAY_HOUR: dict[str, tuple[str, str]] = {}
 """`YYYY-mm-dd HH` of valid event times in the publisher's form -> (day, hour)."""
 
 
-def cdr_row(obj: dict, category: str) -> CdrRow:
+def cdr_row(obj: JsonObject, category: str) -> CdrRow:
     """The checked fields of a decoded CDR event object (`category` 'data' or 'call'); raises
     BadEvent with the reason. The consumer's per-event path: plain tuples, few calls."""
     msisdn = obj.get("msisdn")
@@ -153,6 +142,7 @@ def cdr_row(obj: dict, category: str) -> CdrRow:
     source_file, sep, line = event_id.rpartition(":")
     if not (sep and source_file and line.isascii() and line.isdigit()):
         raise BadEvent(f"event_id must be 'source_file:line_no', got {obj['event_id']!r}")
+    seconds: object  # an int once checked, as `up` and `down`
     if category == "data":
         up = obj.get("up_bytes")
         if type(up) is not int or up < 0:
@@ -174,7 +164,7 @@ def cdr_row(obj: dict, category: str) -> CdrRow:
         if type(usage_type) is not str or usage_type not in _TYPE_OK:
             usage_type = _usage_type(obj, "call_type")
         when = "start_time"
-    v = obj.get(when)
+    v: Any = obj.get(when)  # a str once `_fromisoformat` or `_when` has taken it
     try:
         ts = _fromisoformat(v)
     except (TypeError, ValueError):
@@ -195,9 +185,13 @@ def cdr_row(obj: dict, category: str) -> CdrRow:
     return (msisdn, day, category, usage_type, up, down, seconds, hour, source_file, int(line))
 
 
-def load_cdr(value: bytes, category: str) -> tuple[CdrRow, dict]:
+def load_cdr(value: bytes, category: str) -> tuple[CdrRow, JsonObject]:
     """The checked row and the decoded object of one CDR event's bytes (`category` 'data' or
-    'call'); raises BadEvent with the reason. The consumer's hot path calls this per event."""
+    'call'); raises BadEvent with the reason. The consumer's hot path calls this per event.
+
+    The CDR event encoding: a JSON object of the typed raw row (columns of
+    cdr_data.data_records / voice_records) plus `event_id` = `source_file:line_no` and
+    optionally `loaded_at` (read by `landed_at`)."""
     try:
         obj = _loads(value)
     except _JSONDecodeError:
@@ -215,28 +209,7 @@ def cdr_category(topic: str, topics: dict[str, str] | None = None) -> str:
     return category
 
 
-def decode_cdr(msg: Message, category: str | None = None) -> CdrEvent:
-    """The one place that knows the CDR event encoding: a JSON object of the typed raw row
-    (columns of cdr_data.data_records / voice_records) plus `event_id` = `source_file:line_no`
-    and optionally `loaded_at` (see `cdr_row`, `landed_at`)."""
-    row, obj = load_cdr(msg.value, category or cdr_category(msg.topic))
-    msisdn, day, category, usage_type, up, down, seconds, hour, source_file, line_no = row
-    return CdrEvent(
-        msisdn,
-        category,
-        usage_type,
-        up,
-        down,
-        seconds,
-        day,
-        hour,
-        source_file,
-        line_no,
-        landed_at(obj, msg.headers, msg.position),
-    )
-
-
-def _price_units(obj: dict, name: str) -> int:
+def _price_units(obj: JsonObject, name: str) -> int:
     v = obj.get(name)
     if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise BadEvent(f"{name} missing or not a number")

@@ -27,11 +27,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import date, datetime, timedelta
 from decimal import Decimal
+from typing import Final
 
 PREFIX = "hvs:"
-MONEY_SCALE = 10
+MONEY_SCALE: Final = 10
 """Money in Redis is an integer count of 10^-MONEY_SCALE units (ZAR or WAK): exact, HINCRBY."""
-MONEY_UNIT = Decimal(1).scaleb(-MONEY_SCALE)
 
 FX_KEY = f"{PREFIX}fx"
 PENDING_INDEX = f"{PREFIX}wakpend"
@@ -49,9 +49,6 @@ ZAR = "zar"
 WAK = "wak"
 ZAR_PENDING = "zp"
 
-DATA_METRICS = (EVENTS, UP, DOWN, BYTES, ZAR, WAK, ZAR_PENDING)
-CALL_METRICS = (EVENTS, SECONDS, ZAR, WAK, ZAR_PENDING)
-
 
 def usage_key(msisdn: str, day: str) -> str:
     """The usage hash of `msisdn` on `day` (`YYYYmmdd`)."""
@@ -68,7 +65,7 @@ def seen_key(source_file: str) -> str:
 
 
 def fx_field(hour: str, pair: str, what: str) -> str:
-    """`what` is `s` (sum of bid + ask, 1e-4 units) or `n` (tick count)."""
+    """`what` is `s` (sum of bid + ask, 1e-10 units) or `n` (tick count)."""
     return f"{hour}:{pair}:{what}"
 
 
@@ -121,9 +118,11 @@ def to_units(amount: Decimal) -> int:
     return units
 
 
-def parse_usage(
-    raw: dict[bytes, bytes] | dict[str, str],
-) -> dict[tuple[str, str], dict[str, int]]:
+UsageHash = dict[bytes | str, bytes | str]
+"""A usage hash as redis-py returns it: bytes, or str with `decode_responses`."""
+
+
+def parse_usage(raw: UsageHash) -> dict[tuple[str, str], dict[str, int]]:
     """{(category, usage_type): {metric: value}} of one usage hash."""
     out: dict[tuple[str, str], dict[str, int]] = {}
     for f, v in raw.items():

@@ -7,6 +7,7 @@ at most what then turns out to be already applied (see `hvs.store`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import queue
@@ -14,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TypeVar
 
 import redis
 
@@ -31,11 +32,14 @@ DRAIN_GRACE = 10.0
 """--drain: with the lag unknown (Kafka before its assignment), stop after this long idle."""
 
 
+T = TypeVar("T")
+
+
 class _Stopped(Exception):
     """Stop was requested while a failing step was being retried."""
 
 
-def _retry(stop: threading.Event, what: str, fn: Callable[[], Any]) -> Any:
+def _retry(stop: threading.Event, what: str, fn: Callable[[], T]) -> T:
     """`fn()` until it succeeds; Redis or the stream unreachable is retried with backoff, never
     skipped. Raises `_Stopped` when `stop` is set while waiting."""
     attempt = 0
@@ -76,7 +80,7 @@ def run(
     )
     total = 0
     window_start, window_events = time.monotonic(), 0
-    inflight: Future | None = None
+    inflight: Future[BatchResult] | None = None
 
     def apply_commit(prep: Prepared, batch: list[Message]) -> BatchResult:
         t0 = time.perf_counter()
@@ -143,7 +147,7 @@ def run(
                 continue
             if hvs.pending_hours and any(m.topic == settings.tick_topic for m in batch):
                 finish()  # pricing pending WAK must see the batch in flight
-            prep = _retry(stop, "prepare", lambda b=batch: hvs.prepare(b))
+            prep = _retry(stop, "prepare", functools.partial(hvs.prepare, batch))
             finish()
             inflight = pool.submit(apply_commit, prep, batch)
         finish()

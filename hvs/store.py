@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
-
-try:
-    from hiredis import pack_command as _pack_command
-except ImportError:  # pragma: no cover - hiredis is a dependency
-    _pack_command = None
 
 from hvs import keys as K
 from hvs.decode import BadEvent, CdrRow, TickEvent, cdr_category, decode_tick, landed_at, load_cdr
@@ -36,6 +31,13 @@ from hvs.pricing import (
 )
 from hvs.settings import HvsSettings
 from ingestion.stream import Message
+
+_pack_command: Callable[[tuple[bytes | str | int, ...]], bytes] | None
+try:
+    # hiredis's stub types the command as a 1-tuple; it packs a tuple of any length
+    from hiredis import pack_command as _pack_command  # type: ignore[assignment]
+except ImportError:  # pragma: no cover - hiredis is a dependency
+    _pack_command = None
 
 log = logging.getLogger("hvs.store")
 
@@ -89,7 +91,7 @@ def _runs(offsets: list[int]) -> list[int]:
     """[first, last, first, last, ...] of the runs of consecutive values in sorted `offsets`."""
     if offsets[-1] - offsets[0] == len(offsets) - 1:  # one run (a file's lines in order)
         return [offsets[0], offsets[-1]]
-    out = []
+    out: list[int] = []
     start = prev = offsets[0]
     for o in offsets:
         if o > prev + 1:
@@ -300,7 +302,8 @@ class Hvs:
                 while True:
                     try:
                         pipe.watch(pkey)
-                        entries = pipe.hgetall(pkey)
+                        # this client does not decode responses: the fields are bytes
+                        entries = cast("dict[bytes, bytes]", pipe.hgetall(pkey))
                         pipe.multi()
                         for f, v in entries.items():
                             key, category, usage_type = K.split_pending_field(f.decode())

@@ -247,7 +247,9 @@ def _copy_path(conn: psycopg.Connection, kind: Kind, base: dict, body: bytes) ->
             extra={"file": file_name, "cause": str(exc).splitlines()[0]},
         )
         raise _NeedsLinePath from exc
-    return conn.execute(_FILES_ROW_SQL[kind.name], {**base, "file": file_name}).fetchone()
+    row = conn.execute(_FILES_ROW_SQL[kind.name], {**base, "file": file_name}).fetchone()
+    assert row is not None  # insert ... select count(*) ... returning: always one row
+    return row
 
 
 def _files_row_sql(kind: Kind) -> str:
@@ -331,9 +333,9 @@ def _line_path(conn: psycopg.Connection, kind: Kind, file_name: str, lines: list
         for line_no, raw in enumerate(lines[1:], start=2):
             text, problem, fields = parse_line(raw)
             copy.write_row((line_no, text, problem, len(fields), *(fields + pad)[:MAX_COLUMNS]))
-    landed, rejected, first_at, last_at = conn.execute(
-        _LINE_SQL[kind.name], {"file": file_name}
-    ).fetchone()
+    row = conn.execute(_LINE_SQL[kind.name], {"file": file_name}).fetchone()
+    assert row is not None  # the line path's statement returns its one counts row
+    landed, rejected, first_at, last_at = row
     return landed, rejected, first_at, last_at
 
 

@@ -80,7 +80,9 @@ class CdrSftp:
             sftp = paramiko.SFTPClient.from_transport(self._transport)
             if sftp is None:  # pragma: no cover - paramiko returns None only on a closed channel
                 raise SftpError("the SFTP subsystem could not be opened")
-            sftp.get_channel().settimeout(TIMEOUT)
+            channel = sftp.get_channel()
+            assert channel is not None  # from_transport opened it
+            channel.settimeout(TIMEOUT)
             self._sftp = sftp
         except paramiko.AuthenticationException as exc:
             self._transport.close()

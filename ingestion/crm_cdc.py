@@ -378,10 +378,11 @@ class CrmCdc:
 
     def snapshot_landed(self) -> bool:
         """Whether this slot's snapshot has landed (its replication origin exists)."""
-        (exists,) = self.ana.execute(
+        row = self.ana.execute(
             "select pg_replication_origin_oid(%s) is not null", (self.s.origin,)
         ).fetchone()
-        return bool(exists)
+        assert row is not None  # a select without from: one row
+        return bool(row[0])
 
     # ---------------------------------------------------------------------------- snapshot
 
@@ -398,8 +399,10 @@ class CrmCdc:
                     f"creating slot {self.s.slot} failed: "
                     f"{res.error_message.decode(errors='replace').strip()}"
                 )
-            consistent = po.lsn_to_int(res.get_value(0, 1).decode())
-            snapshot_name = res.get_value(0, 2).decode()
+            lsn, name = res.get_value(0, 1), res.get_value(0, 2)
+            assert lsn is not None and name is not None  # the slot's consistent point, snapshot
+            consistent = po.lsn_to_int(lsn.decode())
+            snapshot_name = name.decode()
             log.info(
                 "slot created",
                 extra={"slot": self.s.slot, "consistent_point": po.int_to_lsn(consistent)},
@@ -414,9 +417,9 @@ class CrmCdc:
                 )
                 # The importing transaction holds the snapshot now; the exporter may go.
                 repl.close()
-                (ts_ms,) = src.execute(
-                    "select (extract(epoch from now()) * 1000)::bigint"
-                ).fetchone()
+                row = src.execute("select (extract(epoch from now()) * 1000)::bigint").fetchone()
+                assert row is not None  # a select without from: one row
+                (ts_ms,) = row
                 total = self._land_snapshot(src, consistent, ts_ms)
             finally:
                 src.close()
@@ -451,12 +454,14 @@ class CrmCdc:
                 ):
                     for block in reader:
                         writer.write(block)
-                (n,) = ana.execute(
+                row = ana.execute(
                     sql.SQL("select count(*) from {} where __lsn = %s and __op = 'r'").format(
                         sql.Identifier(self.s.target_schema, t.target)
                     ),
                     (lsn,),
                 ).fetchone()
+                assert row is not None  # count(*): one row
+                (n,) = row
                 total += n
                 self.metrics.changes.labels(t.source, "r").inc(n)
                 log.info("snapshot landed", extra={"table": t.source, "rows": n})
@@ -478,8 +483,8 @@ class CrmCdc:
 
     def _land(self, changes: list[_Change], end_lsn: int, ts_ms: int) -> tuple[int, int]:
         """Land changes and record `end_lsn` as landed, in one transaction: (new, duplicates)."""
-        for t in self._tables.values():
-            t.rows.clear()
+        for table in self._tables.values():
+            table.rows.clear()
         for ch in changes:
             t = self._tables.get(ch.table)
             if t is None:
@@ -545,7 +550,9 @@ class CrmCdc:
     def step(self, stats: RunStats) -> bool:
         """Read, land and confirm one batch. True when the slot has caught up."""
         started = time.monotonic()
-        (upto,) = self.prod.execute("select pg_current_wal_flush_lsn()::text").fetchone()
+        row = self.prod.execute("select pg_current_wal_flush_lsn()::text").fetchone()
+        assert row is not None  # a select without from: one row
+        (upto,) = row
         upto_lsn = po.lsn_to_int(upto)
         rows = [
             (po.lsn_to_int(lsn), data)
@@ -603,7 +610,9 @@ class CrmCdc:
         self.ensure_publication()
         self._load_tables()
         slot = self.slot_info()
-        (db,) = self.prod.execute("select current_database()").fetchone()
+        row = self.prod.execute("select current_database()").fetchone()
+        assert row is not None  # a select without from: one row
+        (db,) = row
         if slot is not None and (slot["plugin"] != "pgoutput" or slot["database"] != db):
             raise CdcError(f"slot {self.s.slot} exists for {slot['plugin']}/{slot['database']}")
         if not self.snapshot_landed():

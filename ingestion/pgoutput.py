@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Final
 
-PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
 PG_EPOCH_MS: Final = 946_684_800_000
 """Postgres counts time in microseconds from 2000-01-01 00:00 UTC: that epoch in Unix ms."""
 
@@ -150,10 +148,6 @@ Message = (
 def pg_us_to_unix_ms(us: int) -> int:
     """Postgres microseconds since 2000-01-01 to Unix epoch milliseconds (floor)."""
     return us // 1000 + PG_EPOCH_MS
-
-
-def pg_us_to_datetime(us: int) -> datetime:
-    return PG_EPOCH + timedelta(microseconds=us)
 
 
 def lsn_to_int(lsn: str) -> int:

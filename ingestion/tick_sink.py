@@ -123,7 +123,9 @@ def parse_tick(value: bytes, pairs: Sequence[str]) -> Tick:
         if isinstance(v, bool) or not isinstance(v, int | Decimal):
             raise BadTick(f"{name} is not a number: {v!r}")
         d = Decimal(v)
-        if d.adjusted() >= NUMERIC_MAX_INT_DIGITS or -d.as_tuple().exponent > NUMERIC_MAX_SCALE:
+        exponent = d.as_tuple().exponent
+        assert isinstance(exponent, int)  # finite: parse_constant refuses NaN and Infinity
+        if d.adjusted() >= NUMERIC_MAX_INT_DIGITS or -exponent > NUMERIC_MAX_SCALE:
             raise BadTick(
                 f"{name} out of range: numeric holds at most {NUMERIC_MAX_INT_DIGITS} digits "
                 f"before and {NUMERIC_MAX_SCALE} after the point"
@@ -298,13 +300,13 @@ class TickSink:
                 result.rejected += cur.rowcount
         # Everything else was here before: a redelivered message or an identical repeat.
         result.duplicates = result.messages - result.landed - result.rejected
-        m = self.metrics
-        m.messages.labels("landed").inc(result.landed)
-        m.messages.labels("duplicate").inc(result.duplicates)
-        m.messages.labels("rejected").inc(result.rejected)
-        m.batches.inc()
+        metrics = self.metrics
+        metrics.messages.labels("landed").inc(result.landed)
+        metrics.messages.labels("duplicate").inc(result.duplicates)
+        metrics.messages.labels("rejected").inc(result.rejected)
+        metrics.batches.inc()
         if newest is not None and result.landed:
-            m.last_tick.set(newest.replace(tzinfo=UTC).timestamp())
+            metrics.last_tick.set(newest.replace(tzinfo=UTC).timestamp())
         return result
 
     def run(

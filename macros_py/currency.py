@@ -22,11 +22,6 @@ WAKMRV = "WAKMRV"
 PAIRS = (MRVZAR, WAKMRV)
 
 
-def mid_price(bid: Decimal, ask: Decimal) -> Decimal:
-    """(bid + ask) / 2 of one tick, 10 decimals."""
-    return div10(EXACT.add(bid, ask), 2)
-
-
 def zar_per_wak(mrvzar: Decimal, wakmrv: Decimal) -> Decimal:
     """ZAR per 1 WAK = MRVZAR x WAKMRV, 10 decimals."""
     return round10(EXACT.multiply(mrvzar, wakmrv))
@@ -35,11 +30,6 @@ def zar_per_wak(mrvzar: Decimal, wakmrv: Decimal) -> Decimal:
 def zar_to_wak(zar: Decimal, rate_zar_per_wak: Decimal) -> Decimal:
     """An amount in ZAR in WAK at a (stored, rounded) ZAR-per-WAK rate, 10 decimals."""
     return div10(zar, rate_zar_per_wak)
-
-
-def zar_to_wak_at(zar: Decimal, mrvzar: Decimal, wakmrv: Decimal) -> Decimal:
-    """ZAR / (MRVZAR x WAKMRV), with the product rounded first as fx_rates_hourly stores it."""
-    return zar_to_wak(zar, zar_per_wak(mrvzar, wakmrv))
 
 
 @dataclass(frozen=True, slots=True)

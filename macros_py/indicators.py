@@ -123,7 +123,7 @@ class AtrState:
         n = self.n
         if self.prev_open is None:
             return AtrState(n, open_, 0, Decimal(0), None)
-        tr = EXACT.subtract(max(high, self.prev_open), min(low, self.prev_open))
+        tr = true_range(high, low, self.prev_open)
         j = self.tr_count + 1
         if j < n:
             return AtrState(n, open_, j, EXACT.add(self.tr_sum, tr), None)

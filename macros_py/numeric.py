@@ -19,27 +19,6 @@ _ROUNDING = Context(prec=200, rounding=ROUND_HALF_UP, traps=[InvalidOperation])
 Number = int | Decimal
 
 
-def to_decimal(value: int | str | Decimal) -> Decimal:
-    """An exact Decimal from an int, a numeric string or a Decimal; floats are refused."""
-    if isinstance(value, bool | float):
-        raise TypeError(f"refusing {type(value).__name__} {value!r}: pass a str, int or Decimal")
-    if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise ValueError(f"not a finite number: {value!r}")
-        return value
-    if isinstance(value, int):
-        return Decimal(value)
-    if isinstance(value, str):
-        try:
-            result = Decimal(value.strip())
-        except InvalidOperation:
-            raise ValueError(f"not a number: {value!r}") from None
-        if not result.is_finite():
-            raise ValueError(f"not a finite number: {value!r}")
-        return result
-    raise TypeError(f"cannot make a Decimal from {type(value).__name__} {value!r}")
-
-
 def round10(value: Number) -> Decimal:
     """Round to 10 decimal places, half away from zero (Postgres `round(numeric, 10)`)."""
     return Decimal(value).quantize(QUANTUM, context=_ROUNDING)
@@ -66,11 +45,3 @@ def div10(num: Number, den: Number) -> Decimal:
     if 2 * r >= abs(bottom):
         q += 1
     return Decimal(-q if negative else q).scaleb(-SCALE, context=_ROUNDING)
-
-
-def exact_sum(values: list[Decimal] | tuple[Decimal, ...]) -> Decimal:
-    """Sum of Decimals, raising if the result would not be exact."""
-    total = Decimal(0)
-    for v in values:
-        total = EXACT.add(total, v)
-    return total

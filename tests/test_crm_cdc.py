@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import httpx
 import psycopg
@@ -60,7 +60,7 @@ def test_decode_messages() -> None:
     begin = po.decode(b"B" + struct.pack("!QqI", 0x1D83850, 848644593187998, 731))
     assert begin == po.Begin(0x1D83850, 848644593187998, 731)
     assert begin.commit_ts_ms == 848644593187 + po.PG_EPOCH_MS
-    assert po.pg_us_to_datetime(begin.commit_ts_us).year == 2026
+    assert datetime.fromtimestamp(begin.commit_ts_ms / 1000, UTC).year == 2026
     commit = po.decode(b"C" + struct.pack("!bQQq", 0, 0x10, 0x20, 5))
     assert commit == po.Commit(0, 0x10, 0x20, 5)
     rel = po.decode(

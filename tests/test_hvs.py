@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from common.settings import PROJECT_ROOT
 from hvs import keys as K
-from hvs.decode import BadEvent, decode_cdr, decode_tick
+from hvs.decode import BadEvent, cdr_category, decode_tick, landed_at, load_cdr
 from hvs.pricing import Rates, call_zar_units, data_zar_units, wak_units, wak_units_oracle
 from hvs.runner import run
 from hvs.settings import HvsSettings
@@ -202,52 +202,37 @@ def test_fast_cost_paths_equal_macros_py():
     assert wak_units(1, 2 * 10**10) == wak_units_oracle(1, 2 * 10**10) == 1
 
 
-def test_decode_cdr_publish_format():
-    e = decode_cdr(
-        msg(
-            "cdr-data",
-            orjson.dumps(
-                data_event(
-                    "0123456789012", datetime(2024, 1, 1, 23, 59, 59), 5, 7, "video", "f.csv", 3
-                )
-            ),
-        )
+def test_load_cdr_publish_format():
+    m = msg(
+        "cdr-data",
+        orjson.dumps(
+            data_event("0123456789012", datetime(2024, 1, 1, 23, 59, 59), 5, 7, "video", "f.csv", 3)
+        ),
     )
-    assert (e.msisdn, e.category, e.usage_type, e.up, e.down, e.seconds) == (
-        "0123456789012",
-        "data",
-        "video",
-        5,
-        7,
-        0,
+    row, obj = load_cdr(m.value, cdr_category(m.topic))
+    # (msisdn, day, category, usage_type, up, down, seconds, hour, source_file, line_no)
+    assert row == ("0123456789012", "20240101", "data", "video", 5, 7, 0, "2024010123", "f.csv", 3)
+    assert landed_at(obj, m.headers, m.position) == 1_700_000_000.0  # the entry id's publish time
+    v = msg(
+        "cdr-voice",
+        orjson.dumps(voice_event("012345678", datetime(2024, 1, 2), 61, "voice", "v.csv", 9)),
     )
-    assert (e.day, e.hour, e.source_file, e.line_no) == ("20240101", "2024010123", "f.csv", 3)
-    assert e.landed_at == 1_700_000_000.0  # the Redis entry id's publish time
-    v = decode_cdr(
-        msg(
-            "cdr-voice",
-            orjson.dumps(voice_event("012345678", datetime(2024, 1, 2), 61, "voice", "v.csv", 9)),
-        )
-    )
-    assert (v.category, v.usage_type, v.seconds, v.day, v.hour) == (
-        "call",
-        "voice",
-        61,
-        "20240102",
-        "2024010200",
-    )
+    row, _ = load_cdr(v.value, cdr_category(v.topic))
+    assert row == ("012345678", "20240102", "call", "voice", 0, 0, 61, "2024010200", "v.csv", 9)
 
 
 def test_landing_time_prefers_the_events_loaded_at():
     """The publisher's `loaded_at` (naive UTC, as on Kafka) wins over headers and entry ids."""
     e = data_event("0123456789012", datetime(2024, 1, 1), 5, 7, "video", "f.csv", 3)
     e["loaded_at"] = "2024-01-01 00:00:01.500000"
-    m = Message("cdr-data", None, orjson.dumps(e), "1700000000000-0", {"published_at": b"9"})
+    headers = {"published_at": b"9"}
     want = datetime(2024, 1, 1, 0, 0, 1, 500000, tzinfo=UTC).timestamp()
-    assert decode_cdr(m).landed_at == want
-    assert decode_cdr(msg("cdr-data", orjson.dumps(e))).landed_at == want
+    _, obj = load_cdr(orjson.dumps(e), "data")
+    assert landed_at(obj, headers, "1700000000000-0") == want
+    assert landed_at(obj, {}, "1700000000000-0") == want
     del e["loaded_at"]
-    assert decode_cdr(Message("cdr-data", None, orjson.dumps(e), "1-0", m.headers)).landed_at == 9
+    _, obj = load_cdr(orjson.dumps(e), "data")
+    assert landed_at(obj, headers, "1-0") == 9
 
 
 @pytest.mark.parametrize(
@@ -263,13 +248,13 @@ def test_landing_time_prefers_the_events_loaded_at():
         ({"data_type": "a:b"}, "data_type"),
     ],
 )
-def test_decode_cdr_rejects_with_reason(change, reason):
+def test_load_cdr_rejects_with_reason(change, reason):
     e = data_event("0123456789012", datetime(2024, 1, 1), 5, 7, "video", "f.csv", 3)
     e.update(change)
     with pytest.raises(BadEvent, match=reason):
-        decode_cdr(msg("cdr-data", orjson.dumps(e)))
+        load_cdr(orjson.dumps(e), "data")
     with pytest.raises(BadEvent, match="JSON"):
-        decode_cdr(msg("cdr-data", b"{not json"))
+        load_cdr(b"{not json", "data")
 
 
 def test_rates_match_fx_rates_hourly():

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from common.service import CRASH_EXIT_CODE
+from ingestion.generators.forex import PAIRS, tick_key, tick_value
 from ingestion.stream import open_producer
 from ingestion.tick_sink import (
     BadTick,
@@ -27,26 +28,7 @@ from ingestion.tick_sink import (
 )
 from ops.stack import free_port
 
-PAIRS = ("MRVZAR", "WAKMRV")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tick_value(pair: str, ts: datetime, bid: float, spread: float) -> bytes:
-    """The contract's JSON value (4-decimal floats), as the starter writes it."""
-    bid, spread = round(bid, 4), round(spread, 4)
-    return json.dumps(
-        {
-            "timestamp": ts.strftime("%Y-%m-%d %H:%M:%S.%f"),
-            "pair_name": pair,
-            "bid_price": bid,
-            "ask_price": round(bid + spread, 4),
-            "spread": spread,
-        }
-    ).encode()
-
-
-def tick_key(pair: str, ts: datetime) -> bytes:
-    return json.dumps(f"{pair}-{ts:%Y-%m-%d %H:%M}").encode()
 
 
 def make_ticks(n_steps: int, start: datetime = datetime(2024, 1, 1)) -> list[tuple[bytes, bytes]]:

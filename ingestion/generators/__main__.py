@@ -223,15 +223,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             close()
         return {"source": "cdr", "files": len(files), "windows": config.windows, "to": where}
     if args.source == "crm":
-        config = CrmConfig(
+        crm_config = CrmConfig(
             subscribers=args.subscribers,
             transactions=args.transactions,
             delete_rate=args.delete_rate,
             **common,
         )
-        update, close = _bar(config.transactions, "tx")
+        update, close = _bar(crm_config.transactions, "tx")
         try:
-            stats = run_crm(config, args.dsn, update)
+            stats = run_crm(crm_config, args.dsn, update)
         finally:
             close()
         return {
@@ -240,10 +240,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "kinds": stats.kinds,
             "last_ts": str(stats.last_ts),
         }
-    config = ForexConfig(duration=_duration(args), malformed_rate=args.malformed_rate, **common)
-    update, close = _bar(round(2 * config.duration / timedelta(milliseconds=500)), "msg")
+    fx_config = ForexConfig(duration=_duration(args), malformed_rate=args.malformed_rate, **common)
+    update, close = _bar(round(2 * fx_config.duration / timedelta(milliseconds=500)), "msg")
     try:
-        published = publish_ticks(config, args.stream_url, args.topic, update)
+        published = publish_ticks(fx_config, args.stream_url, args.topic, update)
     finally:
         close()
     return {"source": "forex", "messages": published, "topic": args.topic}

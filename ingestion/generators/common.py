@@ -75,13 +75,9 @@ def subscriber_pool(seed: int, subscribers: int) -> list[str]:
     return list(_POOL_CACHE[key])
 
 
-def format_timestamp(ts: datetime) -> str:
-    """`YYYY-mm-dd HH:MM:SS.ffffff`, or without the fraction when it is 0 (as `str(datetime)`)."""
-    return str(ts)
-
-
 def format_timestamps(epoch_us: np.ndarray) -> list[str]:
-    """Vectorised `format_timestamp` for microseconds since 1970-01-01 (naive UTC)."""
+    """`YYYY-mm-dd HH:MM:SS.ffffff` (as `str(datetime)`: without the fraction when it is 0) of
+    microseconds since 1970-01-01 (naive UTC)."""
     text = np.datetime_as_string(epoch_us.astype("datetime64[us]"), unit="us")
     return [
         s[:-7].replace("T", " ") if s.endswith(".000000") else s.replace("T", " ") for s in text

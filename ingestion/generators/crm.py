@@ -233,10 +233,10 @@ def crm_transactions(config: CrmConfig) -> Iterator[CrmTransaction]:
 
         account_id = rng.randint(MIN_ID, MAX_ID)
         device_id = rng.randint(MIN_ID, MAX_ID)
-        first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
-        owner_name = f"{first} {last}"
+        first_name, last_name = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+        owner_name = f"{first_name} {last_name}"
         email = (
-            f"{first.lower()}.{last.lower().replace(' ', '')}{rng.randint(1, 999)}"
+            f"{first_name.lower()}.{last_name.lower().replace(' ', '')}{rng.randint(1, 999)}"
             f"@{rng.choice(EMAIL_DOMAINS)}"
         )
         phone = pool[rng.randrange(len(pool))]

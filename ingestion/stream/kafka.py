@@ -111,6 +111,7 @@ class KafkaProducer(_Closing):
     ) -> None:
         from confluent_kafka import KafkaException
 
+        hdrs: list[tuple[str, str | bytes | None]] | None
         hdrs = list(headers.items()) if headers else None
         while True:
             try:
@@ -199,10 +200,14 @@ class KafkaConsumer(_Closing):
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka consume: %s", err)
                 continue
-            hdrs = {k: (v if v is not None else b"") for k, v in (m.headers() or ())}
+            # The stub types both accessors for any message: a consumed one (no error) has its
+            # topic, and its headers are a list of (name, bytes or None), never the dict form.
+            topic: str = m.topic()  # type: ignore[assignment]
+            raw: list[tuple[str, bytes | None]] | None = m.headers()  # type: ignore[assignment]
+            hdrs = {k: (v if v is not None else b"") for k, v in (raw or ())}
             out.append(
                 Message(
-                    topic=m.topic(),
+                    topic=topic,
                     key=m.key(),
                     value=m.value() or b"",
                     position=f"{m.partition()}:{m.offset()}",

@@ -34,7 +34,9 @@ def stream_key(topic: str) -> str:
     return f"{REDIS_KEY_PREFIX}{topic}"
 
 
-def _entry_fields(value: bytes, key: bytes | None, headers: dict[str, bytes] | None) -> dict:
+def _entry_fields(
+    value: bytes, key: bytes | None, headers: dict[str, bytes] | None
+) -> dict[bytes | str, bytes]:
     fields: dict[bytes | str, bytes] = {"v": value}
     if key is not None:
         fields["k"] = key
@@ -106,7 +108,7 @@ def _raw_reply(response: Any, **options: Any) -> Any:
     return response
 
 
-def _streams(reply: Any) -> Iterable[tuple[bytes, list]]:
+def _streams(reply: Any) -> Iterable[tuple[bytes, list[Any]]]:
     """(stream key, entries) of a raw XREADGROUP reply: a map (RESP3) or pairs (RESP2)."""
     if not reply:
         return ()
@@ -118,7 +120,11 @@ _set_attr = object.__setattr__
 
 
 def _new_message(
-    topic: str, key: bytes | None, value: bytes, entry_id: bytes, headers: dict | None = None
+    topic: str,
+    key: bytes | None,
+    value: bytes,
+    entry_id: bytes,
+    headers: dict[str, bytes] | None = None,
 ) -> Message:
     """`Message(...)` without the frozen dataclass's `__init__` (a third of the cost per entry)."""
     m = _new_object(Message)
@@ -174,7 +180,7 @@ class RedisConsumer(_Closing):
             except redis.RedisError as exc:
                 raise StreamError(f"redis group create on {key!r} failed: {exc}") from exc
 
-    def _take(self, key: bytes | str, entries: Iterable[Sequence[Any]], out: list) -> None:
+    def _take(self, key: bytes | str, entries: Iterable[Sequence[Any]], out: list[Message]) -> None:
         """Messages of `entries` into `out`: XREADGROUP's raw `[id, [field, value, ...]]` or
         XAUTOCLAIM's parsed `(id, {field: value})`; an entry without fields was trimmed."""
         skey = key.decode() if isinstance(key, bytes) else key

@@ -78,7 +78,7 @@ def alive(pid: int) -> bool:
 
 def terminate(pidfiles: dict[Path, str], timeout: float = 30.0) -> None:
     """SIGTERM the processes in `pidfiles` (pidfile: what) at once, then wait for each to exit."""
-    running = {}
+    running: dict[Path, tuple[int, str]] = {}
     for pidfile, what in pidfiles.items():
         pid = read_pid(pidfile)
         if pid is None:
@@ -89,11 +89,15 @@ def terminate(pidfiles: dict[Path, str], timeout: float = 30.0) -> None:
             os.kill(pid, signal.SIGTERM)
         running[pidfile] = (pid, what)
     deadline = time.monotonic() + timeout
-    for pidfile, (pid, what) in running.items():
+    for pidfile, (child, what) in running.items():
+
+        def stopped(p: int = child) -> bool:
+            return not alive(p)
+
         try:
-            wait_until(lambda p=pid: not alive(p), what, max(deadline - time.monotonic(), 0.1))
+            wait_until(stopped, what, max(deadline - time.monotonic(), 0.1))
         except StackError:
             log.warning("%s did not stop in %.0fs; killing it", what, timeout)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(child, signal.SIGKILL)
         pidfile.unlink(missing_ok=True)

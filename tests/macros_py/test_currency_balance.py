@@ -23,10 +23,8 @@ from macros_py.currency import (
     RateLookup,
     fx_rates_hourly,
     hourly_mids,
-    mid_price,
     zar_per_wak,
     zar_to_wak,
-    zar_to_wak_at,
 )
 from macros_py.indicators import Tick
 from macros_py.numeric import div10
@@ -52,10 +50,10 @@ def test_one_wak_is_mrvzar_times_wakmrv_zar() -> None:
     assert zar_to_wak(D(1), D(3)) == D("0.3333333333")
     # the stored (rounded) product is the divisor
     m, w = D("1.2345678901"), D("1.9876543211")
-    assert zar_to_wak_at(D(100), m, w) == div10(D(100), zar_per_wak(m, w))
     assert zar_per_wak(m, w) == D(
         "2.4538942014"
     )  # Postgres: round(1.2345678901 * 1.9876543211, 10)
+    assert zar_to_wak(D(100), zar_per_wak(m, w)) == div10(D(100), D("2.4538942014"))
 
 
 def test_hourly_mid_is_the_average_of_bid_ask_midpoints() -> None:
@@ -70,7 +68,7 @@ def test_hourly_mid_is_the_average_of_bid_ask_midpoints() -> None:
         (T0, D("1.51"), 3),  # (1.005 + 2.015 + 1.51) / 3
         (T0 + H, D("1.1211"), 1),
     ]
-    assert mid_price(D("1.0001"), D("1.0002")) == D("1.00015")
+    assert hourly_mids([tick("MRVZAR", timedelta(0), "1.0001", "1.0002")])[0].mid == D("1.00015")
     # mean of 3 midpoints that does not terminate: rounded once
     mids = hourly_mids(
         [

@@ -10,7 +10,7 @@ from fractions import Fraction
 import pytest
 
 from macros_py import buckets, tariffs
-from macros_py.numeric import div10, round10, to_decimal
+from macros_py.numeric import div10, round10
 from macros_py.records import DataRecord, VoiceRecord
 from macros_py.usage import event_measure, roll_up, usage_windows
 
@@ -56,17 +56,6 @@ def test_round10_is_half_away_from_zero() -> None:
     assert round10(D("0.00000000025")) == D("0.0000000003")  # half-even would give ...2
     assert round10(D("-0.00000000025")) == D("-0.0000000003")
     assert round10(D("0.000000000049999")) == D("0")
-
-
-def test_to_decimal_refuses_floats_and_garbage() -> None:
-    assert to_decimal("1.7168") == D("1.7168")
-    assert to_decimal(3) == D(3)
-    with pytest.raises(TypeError):
-        to_decimal(1.7168)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        to_decimal("abc")
-    with pytest.raises(ValueError):
-        to_decimal("NaN")
 
 
 # -- buckets -------------------------------------------------------------------------------------
