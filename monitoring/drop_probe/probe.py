@@ -69,7 +69,7 @@ class DropProbe(Collector):
         with psycopg.connect(
             self.s.analytics_dsn, application_name="drop_probe", connect_timeout=5
         ) as conn:
-            landed = dict(
+            landed: dict[str, int] = dict(
                 conn.execute(
                     "select file_name, size_bytes from cdr_data.files where file_name = any(%s)",
                     (names,),
@@ -84,7 +84,7 @@ class DropProbe(Collector):
         started = time.perf_counter()
         try:
             result: Backlog | None = self.measure()
-        except (*SFTP_ERRORS, psycopg.Error) as exc:
+        except (*SFTP_ERRORS, psycopg.Error) as exc:  # type: ignore[misc]  # a tuple of types
             log.warning("probe failed", extra={"error": str(exc).strip()})
             result = None
         yield GaugeMetricFamily(

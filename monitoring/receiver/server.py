@@ -116,7 +116,10 @@ class AlertWriter:
 
 
 def make_server(settings: ReceiverSettings, metrics: Metrics | None = None) -> ThreadingHTTPServer:
-    metrics = metrics or Metrics()
+    return _make_server(settings, metrics or Metrics())
+
+
+def _make_server(settings: ReceiverSettings, metrics: Metrics) -> ThreadingHTTPServer:
     writer = AlertWriter(settings.alerts_file, metrics)
 
     class Handler(BaseHTTPRequestHandler):
