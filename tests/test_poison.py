@@ -1,0 +1,177 @@
+"""Poison is data (docs/failure-handling.md): each hostile input of issue 16 against the real
+processes and servers. Each test proves three things: the process stays up (its loop returns
+normally, or the real process exits 0), the bad input is recorded with its reason, and the good
+input after it is processed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from datetime import datetime
+
+import orjson
+
+from common.settings import PROJECT_ROOT
+from hvs import keys as K
+from hvs.runner import run as run_hvs
+from hvs.settings import HvsSettings
+from ingestion.stream import open_producer
+from ingestion.tick_sink import TickSink, TickSinkSettings
+
+
+def tick(ts: str = "2024-01-01 00:00:01.000000", bid: object = 1.5, ask: object = 1.6) -> bytes:
+    return json.dumps(
+        {"timestamp": ts, "pair_name": "MRVZAR", "bid_price": bid, "ask_price": ask, "spread": 0.1}
+    ).encode()
+
+
+def raw_tick(bid: str, ask: str) -> bytes:
+    """A tick whose prices are written as given (JSON numbers no float can hold)."""
+    return (
+        b'{"timestamp": "2024-01-01 00:00:02", "pair_name": "MRVZAR", "bid_price": '
+        + bid.encode()
+        + b', "ask_price": '
+        + ask.encode()
+        + b', "spread": 0.1}'
+    )
+
+
+POISON_TICKS = [
+    ("year 999", tick("0999-01-01 00:00:00"), "before 2000-01-01"),
+    ("far future", tick("2999-01-01 00:00:00"), "ahead of the clock"),
+    ("deep nesting", b'{"x": ' + b"[" * 2000 + b"]" * 2000 + b"}", "nested deeper"),
+    ("1e400", raw_tick("1e400", "1e400"), "bid_price out of range"),
+    ("1e-400", raw_tick("1e-400", "1.6"), "bid_price out of range"),
+    ("50 KB", tick() + b" " * 50_000, "too large"),
+]
+GOOD = tick("2024-01-01 00:00:03.000000", 1.5, 1.7)
+
+
+def publish(url: str, topic: str, values: list[bytes]) -> None:
+    with open_producer(url) as producer:
+        producer.publish_many(topic, [(None, v, None) for v in values])
+        producer.flush()
+
+
+def test_poison_ticks_are_rejected_alike_by_the_sink_and_the_hvs(stack, analytics, redis_client):
+    """Cases 1-3: a tick before the year 1000 or far ahead, a deeply nested one, prices of 1e400
+    and 1e-400, and an oversized one: the tick sink and the HVS consumer (one decoder) reject
+    each with the same reason and go on; the good tick after them lands in both."""
+    topic = f"ticks-{uuid.uuid4().hex[:8]}"
+    publish(stack.stream_url, topic, [v for _, v, _ in POISON_TICKS] + [GOOD])
+
+    sink = TickSink(
+        TickSinkSettings(
+            analytics_dsn=stack.analytics_dsn,
+            stream_url=stack.stream_url,
+            topic=topic,
+            group="sink",
+            consumer_name="sink-1",
+            poll_timeout=0.2,
+            metrics_port=0,
+        )
+    )
+    try:
+        total = sink.run(once=True)
+    finally:
+        sink.close()
+    assert (total.messages, total.landed, total.rejected) == (len(POISON_TICKS) + 1, 1, 6)
+    sink_reasons = [
+        r
+        for (r,) in analytics.execute(
+            "select reason from forex_data.rejected_messages order by source"
+        ).fetchall()
+    ]
+    assert analytics.execute("select tick_ts from forex_data.ticks").fetchall() == [
+        (datetime(2024, 1, 1, 0, 0, 3),)
+    ]
+
+    settings = HvsSettings(
+        redis_url=stack.redis_url,
+        stream_url=stack.stream_url,
+        tick_topic=topic,
+        group="hvs-poison",
+        consumer_name="hvs-poison-1",
+        metrics_port=0,
+        poll_timeout=0.1,
+    )
+    run_hvs(settings, threading.Event(), drain=True)
+    rejected = [orjson.loads(e) for e in redis_client.lrange(K.REJECTED_KEY, 0, -1)]
+    hvs_reasons = [e["reason"] for e in sorted(rejected, key=lambda e: e["position"])]
+    assert len(hvs_reasons) == len(POISON_TICKS)
+    for (name, _, reason), in_sink, in_hvs in zip(
+        POISON_TICKS, sink_reasons, hvs_reasons, strict=True
+    ):
+        assert reason in in_sink, name
+        assert in_hvs == in_sink, name  # one decoder: the same reason, word for word
+    # bid + ask of the good tick, in 1e-10 units
+    assert redis_client.hgetall(K.FX_KEY) == {
+        b"2024010100:MRVZAR:s": b"32000000000",
+        b"2024010100:MRVZAR:n": b"1",
+    }
+
+
+def _hvs_env(stack, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HVS_", "WTC_"))}
+    env.update(
+        REDIS_URL=stack.redis_url,
+        STREAM_URL=stack.stream_url,
+        HVS_METRICS_PORT="0",
+        HVS_POLL_TIMEOUT="0.1",
+        **extra,
+    )
+    return env
+
+
+def test_malformed_redis_entries_written_by_another_process_are_quarantined(stack, redis_client):
+    """Case 1 (the consumer's side) and the rule for every reader of what another process
+    wrote: an `hvs:fx` field with a 9-digit hour, a non-numeric value, a pending hour that is no
+    hour and a pending entry that is no usage field are moved to `hvs:rejected` with the reason;
+    the real consumer starts, exits 0, and applies the good event after them."""
+    redis_client.hset(
+        K.FX_KEY,
+        mapping={
+            "999010100:MRVZAR:s": "30000000000",  # what a tick of the year 999 left on main
+            "2024010101:MRVZAR:n": "many",
+            "2024010100:MRVZAR:s": "30000000000",
+            "2024010100:MRVZAR:n": "1",
+            "2024010100:WAKMRV:s": "20000000000",
+            "2024010100:WAKMRV:n": "1",
+        },
+    )
+    redis_client.sadd(K.PENDING_INDEX, "99901010", "2024010100")
+    redis_client.hset(K.pending_key("2024010100"), mapping={"nonsense": "12", "hvs:u:1|x": "1"})
+    event = {
+        "event_id": "cdr_voice_20240101_000000.csv:2",
+        "msisdn": "2700000000001",
+        "call_type": "voice",
+        "call_duration_sec": 60,
+        "start_time": "2024-01-01 00:10:00.000000",
+    }
+    publish(stack.stream_url, "cdr-voice", [orjson.dumps(event)])
+    proc = subprocess.run(
+        [sys.executable, "-m", "hvs", "--drain"],
+        cwd=PROJECT_ROOT,
+        env=_hvs_env(stack),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rejected = [orjson.loads(e) for e in redis_client.lrange(K.REJECTED_KEY, 0, -1)]
+    got = {(e["topic"], e["position"]): e["reason"] for e in rejected}
+    assert got[(K.FX_KEY, "999010100:MRVZAR:s")] == "hour is not YYYYmmddHH"
+    assert got[(K.FX_KEY, "2024010101:MRVZAR:n")] == "value is not an integer >= 0"
+    assert got[(K.PENDING_INDEX, "99901010")] == "not an hour (YYYYmmddHH)"
+    pending = K.pending_key("2024010100")
+    assert "field is not" in got[(pending, "nonsense")]
+    assert "field is not" in got[(pending, "hvs:u:1|x")]
+    assert set(redis_client.hkeys(K.FX_KEY)) == {
+        f"2024010100:{pair}:{what}".encode() for pair in ("MRVZAR", "WAKMRV") for what in "sn"
+    }
+    usage = redis_client.hgetall(K.usage_key("2700000000001", "20240101"))
+    assert usage[b"call:voice:ev"] == b"1" and usage[b"call:voice:s"] == b"60"
