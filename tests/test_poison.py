@@ -19,8 +19,12 @@ from common.settings import PROJECT_ROOT
 from hvs import keys as K
 from hvs.runner import run as run_hvs
 from hvs.settings import HvsSettings
-from ingestion.stream import open_producer
+from ingestion.cdr_loader import CdrLoader, Metrics
+from ingestion.stream import open_consumer, open_producer
 from ingestion.tick_sink import TickSink, TickSinkSettings
+from tests.test_cdr_loader import DATA_HEADER, cdr_dir, generated, query, settings_for
+
+__all__ = ["cdr_dir"]  # the fixture, shared with tests/test_cdr_loader.py
 
 
 def tick(ts: str = "2024-01-01 00:00:01.000000", bid: object = 1.5, ask: object = 1.6) -> bytes:
@@ -175,3 +179,144 @@ def test_malformed_redis_entries_written_by_another_process_are_quarantined(stac
     }
     usage = redis_client.hgetall(K.usage_key("2700000000001", "20240101"))
     assert usage[b"call:voice:ev"] == b"1" and usage[b"call:voice:s"] == b"60"
+
+
+# -- the CDR loader: every file ends in one visible state -------------------------------------
+
+
+def _usage_totals(client) -> dict[str, int]:
+    """Events, bytes and call seconds summed over every usage hash of the HVS."""
+    out = {"ev": 0, "by": 0, "s": 0}
+    for key in client.scan_iter(match="hvs:u:*", count=1000):
+        for f, v in client.hgetall(key).items():
+            metric = f.decode().rsplit(":", 1)[1]
+            if metric in out:
+                out[metric] += int(v)
+    return out
+
+
+def _raw_totals(stack) -> dict[str, int]:
+    (row,) = query(
+        stack,
+        "select (select count(*) from cdr_data.data_records)"
+        " + (select count(*) from cdr_data.voice_records),"
+        " (select coalesce(sum(up_bytes + down_bytes), 0) from cdr_data.data_records),"
+        " (select coalesce(sum(call_duration_sec), 0) from cdr_data.voice_records)",
+    )
+    return {"ev": row[0], "by": row[1], "s": row[2]}
+
+
+def _hvs_drain(stack) -> None:
+    settings = HvsSettings(
+        redis_url=stack.redis_url, stream_url=stack.stream_url, metrics_port=0, poll_timeout=0.1
+    )
+    run_hvs(settings, threading.Event(), drain=True)
+
+
+def test_every_file_ends_in_a_recorded_state(stack, cdr_dir, redis_client):
+    """Cases 4-6: a name ending in a newline, a 0-byte file, a dot file, a symlink, a directory,
+    an unreadable file and a row with a 2 MB field. Each ends rejected or skipped with its
+    reason in the loader's ledger and counted; the loader's run succeeds; the good files land
+    and are published as JSON every reader parses, each message under 1 MB; the HVS then
+    equals the raw sums."""
+    name, path = cdr_dir
+    (data_name, data), (voice_name, voice) = generated(datetime(2024, 1, 1), 1, 20)
+    huge = DATA_HEADER + "\n" + "\n".join(data.decode().splitlines()[1:3]) + "\n"
+    row = data.decode().splitlines()[3].split(",")
+    row[6] = "https://example.org/" + "x" * 2_000_000  # website_url
+    huge += ",".join(row) + "\n"
+    (path / data_name).write_bytes(data)
+    (path / voice_name).write_bytes(voice)
+    (path / "cdr_data_20240101_001000.csv").write_bytes(huge.encode())
+    (path / "cdr_data_20240101_000200.csv\n").write_bytes(data)
+    (path / "cdr_data_20240101_000400.csv").write_bytes(b"")
+    (path / ".cdr_data_20240101_000600.csv").write_bytes(data)
+    (path / "cdr_voice_20240101_000800.csv").symlink_to("/etc/passwd")
+    (path / "cdr_data_20240101_001200.csv").mkdir()
+    unreadable = path / "cdr_voice_20240101_001400.csv"
+    unreadable.write_bytes(voice)
+    unreadable.chmod(0)  # owned by root: the SFTP login (cdr_data) cannot read it
+
+    metrics = Metrics()
+    settings = settings_for(stack, name, publish=True)
+    with CdrLoader(settings, metrics, progress=False) as loader:
+        assert loader.run_once()
+        assert loader.run_once()  # a second run records nothing twice
+    rejected = dict(
+        query(stack, "select source_file, reason from cdr_data.rejected_rows where line_no = 0")
+    )
+    assert rejected == {
+        "cdr_data_20240101_000200.csv\n": "not a CDR file: the name holds control characters",
+        "cdr_data_20240101_000400.csv": "empty file (0 bytes)",
+        "cdr_voice_20240101_001400.csv": "unreadable: Permission denied",
+    }
+    skipped = dict(query(stack, "select file_name, reason from cdr_data.skipped_files"))
+    assert sorted(skipped) == [
+        ".cdr_data_20240101_000600.csv",
+        "cdr_data_20240101_001200.csv",
+        "cdr_voice_20240101_000800.csv",
+    ]
+    assert skipped[".cdr_data_20240101_000600.csv"].startswith("dot file")
+    assert skipped["cdr_data_20240101_001200.csv"].startswith("directory")
+    assert skipped["cdr_voice_20240101_000800.csv"].startswith("symlink")
+    ((reason,),) = query(
+        stack,
+        "select reason from cdr_data.rejected_rows where source_file = %s",
+        "cdr_data_20240101_001000.csv",
+    )
+    assert reason.startswith("row too long: 2000")
+    sample = metrics.registry.get_sample_value
+    assert sample("cdr_loader_files_total", {"kind": "none", "outcome": "rejected"}) == 3
+    assert sample("cdr_loader_files_total", {"kind": "none", "outcome": "skipped"}) == 3
+    files = dict(query(stack, "select file_name, rows_landed from cdr_data.files"))
+    assert files == {data_name: 20, voice_name: 20, "cdr_data_20240101_001000.csv": 2}
+
+    with open_consumer(stack.stream_url, ["cdr-data", "cdr-voice"], "peek", start="earliest") as c:
+        messages = c.poll(1000, 1.0)
+    assert len(messages) == 42
+    assert max(len(m.value) for m in messages) < 1_000_000
+    for m in messages:
+        assert orjson.loads(m.value)["source_file"] in files
+    _hvs_drain(stack)
+    assert redis_client.llen(K.REJECTED_KEY) == 0
+    assert _usage_totals(redis_client) == _raw_totals(stack)
+
+
+def test_a_file_replaced_under_its_name_is_quarantined_and_raw_equals_hvs(
+    stack, cdr_dir, redis_client
+):
+    """Case 7: a landed file replaced by other content (found by --rescan, and by a plain run
+    when the size changed) is quarantined whole in cdr_data.file_conflicts, counted, and not
+    landed: the raw tables keep the published version, so raw sums equal the HVS totals."""
+    name, path = cdr_dir
+    (data_name, data), (voice_name, voice) = generated(datetime(2024, 1, 1), 1, 20)
+    (path / data_name).write_bytes(data)
+    (path / voice_name).write_bytes(voice)
+    settings = settings_for(stack, name, publish=True)
+    with CdrLoader(settings, progress=False) as loader:
+        assert loader.run_once()
+    _hvs_drain(stack)
+    before = _raw_totals(stack)
+    assert _usage_totals(redis_client) == before
+
+    (_, other_data), (_, other_voice) = generated(datetime(2024, 1, 2), 1, 30)
+    (path / data_name).write_bytes(other_data)  # another size: a plain run reads it
+    (path / voice_name).write_bytes(other_voice)
+    metrics = Metrics()
+    with CdrLoader(
+        settings_for(stack, name, publish=True, rescan=True), metrics, progress=False
+    ) as loader:
+        assert loader.run_once()
+        assert loader.run_once()
+    conflicts = query(stack, "select file_name, reason from cdr_data.file_conflicts order by 1")
+    assert [c[0] for c in conflicts] == [data_name, voice_name]
+    assert all("the landed version is kept" in c[1] for c in conflicts)
+    assert (
+        metrics.registry.get_sample_value(
+            "cdr_loader_files_total", {"kind": "data", "outcome": "conflict"}
+        )
+        == 1
+    )
+    _hvs_drain(stack)
+    assert _raw_totals(stack) == before
+    assert _usage_totals(redis_client) == before
