@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import redis
@@ -345,7 +345,8 @@ class Hvs:
                 while True:
                     try:
                         pipe.watch(pkey)
-                        entries = pipe.hgetall(pkey)
+                        # the client decodes no responses: field and value are bytes
+                        entries = cast(dict[bytes, bytes], pipe.hgetall(pkey))
                         pipe.multi()
                         bad = []
                         for f, v in entries.items():

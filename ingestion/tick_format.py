@@ -87,7 +87,7 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _price(obj: dict, name: str) -> Decimal:
+def _price(obj: dict[str, object], name: str) -> Decimal:
     v = obj[name]
     if isinstance(v, bool) or not isinstance(v, int | Decimal):
         raise BadTick(f"{name} is not a number: {_short(v)}")
