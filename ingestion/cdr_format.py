@@ -260,7 +260,8 @@ def parse_line(raw: bytes) -> tuple[str, str | None, list[str]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode("utf-8", "backslashreplace"), "not valid UTF-8", []
+        text = raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+        return text, "not valid UTF-8", []  # Postgres text holds no NUL: it is kept escaped
     if "\x00" in text:
         return text.replace("\x00", "\\x00"), "contains a NUL byte", []
     if text == "":

@@ -215,10 +215,10 @@ def _hvs_drain(stack) -> None:
 
 def test_every_file_ends_in_a_recorded_state(stack, cdr_dir, redis_client):
     """Cases 4-6: a name ending in a newline, a 0-byte file, a dot file, a symlink, a directory,
-    an unreadable file and a row with a 2 MB field. Each ends rejected or skipped with its
-    reason in the loader's ledger and counted; the loader's run succeeds; the good files land
-    and are published as JSON every reader parses, each message under 1 MB; the HVS then
-    equals the raw sums."""
+    an unreadable file, a row with a 2 MB field and a row of a NUL and bad UTF-8. Each ends
+    rejected or skipped with its reason in the loader's ledger and counted; the loader's run
+    succeeds; the good files land and are published as JSON every reader parses, each message
+    under 1 MB; the HVS then equals the raw sums."""
     name, path = cdr_dir
     (data_name, data), (voice_name, voice) = generated(datetime(2024, 1, 1), 1, 20)
     huge = DATA_HEADER + "\n" + "\n".join(data.decode().splitlines()[1:3]) + "\n"
@@ -236,6 +236,10 @@ def test_every_file_ends_in_a_recorded_state(stack, cdr_dir, redis_client):
     unreadable = path / "cdr_voice_20240101_001400.csv"
     unreadable.write_bytes(voice)
     unreadable.chmod(0)  # owned by root: the SFTP login (cdr_data) cannot read it
+    nul = "cdr_voice_20240101_001600.csv"  # a line of a NUL and a byte that is not UTF-8
+    (path / nul).write_bytes(
+        voice.splitlines(keepends=True)[0] + b"\x00\x80\n" + voice.splitlines(keepends=True)[1]
+    )
 
     metrics = Metrics()
     settings = settings_for(stack, name, publish=True)
@@ -265,15 +269,20 @@ def test_every_file_ends_in_a_recorded_state(stack, cdr_dir, redis_client):
         "cdr_data_20240101_001000.csv",
     )
     assert reason.startswith("row too long: 2000")
+    assert query(
+        stack,
+        "select line_no, raw_line, reason from cdr_data.rejected_rows where source_file = %s",
+        nul,
+    ) == [(2, "\\x00\\x80", "not valid UTF-8")]
     sample = metrics.registry.get_sample_value
     assert sample("cdr_loader_files_total", {"kind": "none", "outcome": "rejected"}) == 3
     assert sample("cdr_loader_files_total", {"kind": "none", "outcome": "skipped"}) == 3
     files = dict(query(stack, "select file_name, rows_landed from cdr_data.files"))
-    assert files == {data_name: 20, voice_name: 20, "cdr_data_20240101_001000.csv": 2}
+    assert files == {data_name: 20, voice_name: 20, "cdr_data_20240101_001000.csv": 2, nul: 1}
 
     with open_consumer(stack.stream_url, ["cdr-data", "cdr-voice"], "peek", start="earliest") as c:
         messages = c.poll(1000, 1.0)
-    assert len(messages) == 42
+    assert len(messages) == 43
     assert max(len(m.value) for m in messages) < 1_000_000
     for m in messages:
         assert orjson.loads(m.value)["source_file"] in files
