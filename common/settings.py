@@ -7,6 +7,7 @@ stack only; set the environment variables for anything else.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -121,3 +122,22 @@ class ServiceSettings(Connections):
 
     metrics_host: str = Field(default="127.0.0.1", description="address of the metrics server")
     metrics_port: int = Field(default=0, description="Prometheus metrics port; 0 = off")
+
+
+class TickRules(BaseSettings):
+    """The plausible time window of a forex tick, shared by every reader of ticks (the tick sink
+    and the HVS consumer check the same window, so they accept the same ticks)."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    tick_not_before: datetime = Field(
+        default=datetime(2000, 1, 1),
+        alias="WTC_TICK_NOT_BEFORE",
+        description="a tick dated before this (naive UTC) is rejected",
+    )
+    tick_max_ahead_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        alias="WTC_TICK_MAX_AHEAD_SECONDS",
+        description="a tick dated more than this ahead of the wall clock (UTC) is rejected",
+    )

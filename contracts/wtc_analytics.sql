@@ -112,6 +112,23 @@ create table if not exists cdr_data.rejected_rows (
     primary key (source_file, line_no)
 );
 
+-- The loader's ledger of files not landed (docs/failure-handling.md): entries of the drop
+-- folder it does not take, with the reason (dot files, symlinks, directories), and new versions
+-- of landed files, quarantined whole: the landed version stays, so raw and HVS agree.
+create table if not exists cdr_data.skipped_files (
+    file_name text primary key,
+    reason text not null,
+    recorded_at timestamptz not null default now()
+);
+create table if not exists cdr_data.file_conflicts (
+    file_name text not null,
+    sha256 text not null,
+    size_bytes bigint not null,
+    reason text not null,
+    recorded_at timestamptz not null default now(),
+    primary key (file_name, sha256)
+);
+
 -- Forex ----------------------------------------------------------------------------------------
 create table if not exists forex_data.ticks (
     pair_name text not null,

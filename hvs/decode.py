@@ -9,18 +9,21 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
 
+from common.poison import BadInput
 from hvs import keys as K
+from ingestion import tick_format
 from ingestion.stream import Message
+from ingestion.tick_format import TickWindow
 from macros_py.currency import PAIRS
 
 
-class BadEvent(ValueError):
-    """A stream message that cannot be applied; the reason says why."""
+class BadEvent(BadInput):
+    """A stream message that cannot be applied; the reason says why (bad data: recorded and
+    skipped, see common.poison)."""
 
 
 @dataclass(slots=True)
@@ -209,36 +212,19 @@ def cdr_category(topic: str, topics: dict[str, str] | None = None) -> str:
     return category
 
 
-def _price_units(obj: JsonObject, name: str) -> int:
-    v = obj.get(name)
-    if isinstance(v, bool) or not isinstance(v, int | float | str):
-        raise BadEvent(f"{name} missing or not a number")
-    try:
-        d = Decimal(repr(v)) if isinstance(v, float) else Decimal(str(v))
-        units = K.to_units(d)
-    except (InvalidOperation, ValueError):
-        raise BadEvent(f"{name} is not a price with at most 10 decimals: {v!r}") from None
-    if units <= 0:
-        raise BadEvent(f"{name} must be positive, got {v!r}")
-    return units
-
-
-def decode_tick(msg: Message) -> TickEvent:
-    """A tick of the data contract: {"timestamp", "pair_name", "bid_price", "ask_price", ...}."""
-    try:
-        obj = orjson.loads(msg.value)
-    except orjson.JSONDecodeError as exc:
-        raise BadEvent(f"value is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise BadEvent("value is not a JSON object")
-    pair = _text(obj, "pair_name")
-    if pair not in PAIRS:
-        raise BadEvent(f"unknown pair {pair!r}")
-    ts = _when(obj, "timestamp")
+def decode_tick(msg: Message, window: TickWindow | None = None) -> TickEvent:
+    """A tick, read by the one tick decoder (`ingestion.tick_format`, the tick sink's too), as
+    the HVS keeps it: hour, 10 ms slot and bid + ask in 1e-10 units. Raises BadInput (a
+    `BadTick`) with the reason."""
+    t = tick_format.decode_tick(msg.value, PAIRS, window or _DEFAULT_WINDOW)
+    ts = t.tick_ts
     ms = (ts.minute * 60 + ts.second) * 1000 + ts.microsecond // 1000
     return TickEvent(
-        pair=pair,
+        pair=t.pair_name,
         hour=ts.strftime("%Y%m%d%H"),
         slot=ms // K.FX_SLOT_MS,
-        price_sum=_price_units(obj, "bid_price") + _price_units(obj, "ask_price"),
+        price_sum=K.to_units(t.bid_price) + K.to_units(t.ask_price),
     )
+
+
+_DEFAULT_WINDOW = tick_format.TickWindow()

@@ -29,6 +29,8 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Final
 
+from macros_py.currency import PAIRS as FX_PAIRS
+
 PREFIX = "hvs:"
 MONEY_SCALE: Final = 10
 """Money in Redis is an integer count of 10^-MONEY_SCALE units (ZAR or WAK): exact, HINCRBY."""
@@ -67,6 +69,54 @@ def seen_key(source_file: str) -> str:
 def fx_field(hour: str, pair: str, what: str) -> str:
     """`what` is `s` (sum of bid + ask, 1e-10 units) or `n` (tick count)."""
     return f"{hour}:{pair}:{what}"
+
+
+def is_hour(hour: str) -> bool:
+    """`YYYYmmddHH` of a real hour (what every hour field and key holds)."""
+    if not (len(hour) == 10 and hour.isascii() and hour.isdigit()):
+        return False
+    try:
+        datetime.strptime(hour, "%Y%m%d%H")
+    except ValueError:
+        return False
+    return True
+
+
+def _small_int(value: bytes, signed: bool = False) -> int | None:
+    text = value.decode("ascii", errors="replace")
+    digits = text[1:] if signed and text.startswith("-") else text
+    if not (0 < len(digits) <= 30 and digits.isdigit()):
+        return None
+    return int(text)
+
+
+def parse_fx_entry(field: bytes, value: bytes) -> tuple[str, str, str, int] | str:
+    """(hour, pair, `s` or `n`, number) of an `hvs:fx` field and value, or the reason it is
+    malformed: a reader of what another process wrote never fails on it."""
+    hour, _, rest = field.decode(errors="replace").partition(":")
+    pair, _, what = rest.partition(":")
+    if not is_hour(hour):
+        return "hour is not YYYYmmddHH"
+    if pair not in FX_PAIRS:
+        return "unknown pair"
+    if what not in ("s", "n"):
+        return "field is not {hour}:{pair}:s or :n"
+    number = _small_int(value)
+    if number is None:
+        return "value is not an integer >= 0"
+    return hour, pair, what, number
+
+
+def parse_pending_entry(field: bytes, value: bytes) -> tuple[str, str, str, int] | str:
+    """(usage key, category, usage_type, ZAR units) of an `hvs:wakpend:{hour}` entry, or the
+    reason it is malformed."""
+    key, category, usage_type = split_pending_field(field.decode(errors="replace"))
+    if not key.startswith(f"{PREFIX}u:") or category not in ("data", "call") or not usage_type:
+        return "field is not {usage key}|{category}:{usage_type}"
+    zar = _small_int(value, signed=True)
+    if zar is None:
+        return "value is not an integer"
+    return key, category, usage_type, zar
 
 
 def fx_seen_key(pair: str, hour: str) -> str:

@@ -116,19 +116,26 @@ class Rates:
         self._cache[hour] = r
         return r
 
-    def load(self, raw: dict[bytes, bytes]) -> None:
-        """Replace what is known with the `hvs:fx` hash (shared by all consumers)."""
+    def load(self, raw: dict[bytes, bytes]) -> list[tuple[bytes, str]]:
+        """Replace what is known with the `hvs:fx` hash (shared by all consumers). Returns the
+        malformed fields with the reason, left out (another process may have written them)."""
         self._sums = {p: {} for p in PAIRS}
         self._hours = {p: [] for p in PAIRS}
         self._cache.clear()
         got: dict[tuple[str, str], list[int]] = {}
+        bad: list[tuple[bytes, str]] = []
         for f, v in raw.items():
-            hour, pair, what = f.decode().split(":")
+            parsed = K.parse_fx_entry(f, v)
+            if isinstance(parsed, str):
+                bad.append((f, parsed))
+                continue
+            hour, pair, what, number = parsed
             acc = got.setdefault((pair, hour), [0, 0])
-            acc[0 if what == "s" else 1] = int(v)
+            acc[0 if what == "s" else 1] = number
         for (pair, hour), (s, n) in got.items():
-            if pair in self._sums and n > 0:
+            if n > 0:
                 self.add(pair, hour, s, n)
+        return bad
 
     def prune(self, keep_hours: int) -> list[str]:
         """Forget hours more than `keep_hours` before the newest; the `hvs:fx` fields to delete."""

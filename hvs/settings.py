@@ -6,12 +6,12 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import ServiceSettings
+from common.settings import ServiceSettings, TickRules
 
 
-class HvsSettings(ServiceSettings):
-    """The high velocity store (Redis db 0) and its consumer: `REDIS_URL`, `STREAM_URL`, the rest
-    `HVS_*`."""
+class HvsSettings(ServiceSettings, TickRules):
+    """The high velocity store (Redis db 0) and its consumer: `REDIS_URL`, `STREAM_URL`, the tick
+    window `WTC_TICK_*` (shared with the tick sink), the rest `HVS_*`."""
 
     model_config = SettingsConfigDict(env_prefix="HVS_", extra="ignore", populate_by_name=True)
 

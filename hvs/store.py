@@ -19,8 +19,9 @@ from typing import Any, cast
 import orjson
 import redis
 
+from common.poison import reason_of
 from hvs import keys as K
-from hvs.decode import BadEvent, CdrRow, TickEvent, cdr_category, decode_tick, landed_at, load_cdr
+from hvs.decode import CdrRow, TickEvent, cdr_category, decode_tick, landed_at, load_cdr
 from hvs.metrics import BATCHES, EVENTS, LAST_LATENCY, LATENCY, PENDING_HOURS
 from hvs.pricing import (
     _DATA_UNITS_PER_BYTE,
@@ -31,6 +32,7 @@ from hvs.pricing import (
 )
 from hvs.settings import HvsSettings
 from ingestion.stream import Message
+from ingestion.tick_format import TickWindow
 
 _pack_command: Callable[[tuple[bytes | str | int, ...]], bytes] | None
 try:
@@ -102,6 +104,20 @@ def _runs(offsets: list[int]) -> list[int]:
     return out
 
 
+def _rejected_entry(topic: str, position: str, reason: str, value: bytes) -> bytes:
+    """An `hvs:rejected` entry (JSON): where the bad input was (a stream topic and position, or
+    a Redis key and field), why, and its first 2000 characters."""
+    return orjson.dumps(
+        {
+            "topic": topic,
+            "position": position,
+            "reason": reason,
+            "value": value.decode(errors="replace")[:2000],
+            "rejected_at": time.time(),
+        }
+    )
+
+
 class Hvs:
     """Applies batches of stream messages to Redis (no stream I/O here; see `run`)."""
 
@@ -112,9 +128,10 @@ class Hvs:
         self.rates = Rates()
         self.pending_hours: set[str] = set()
         self._next_refresh = 0.0
-        self.refresh()
         self._ttl = settings.retention_seconds
         self._topics = {settings.data_topic: "data", settings.voice_topic: "call"}
+        self._window = TickWindow.of(settings)
+        self.refresh()
 
     # -- applying ---------------------------------------------------------------------------
 
@@ -125,8 +142,35 @@ class Hvs:
         pipe.hgetall(K.FX_KEY)
         pipe.smembers(K.PENDING_INDEX)
         fx, pending = pipe.execute()
-        self.rates.load(fx)
-        self.pending_hours = {h.decode() for h in pending}
+        bad_fx = self.rates.load(fx)
+        for field, reason in bad_fx:
+            self._quarantine(K.FX_KEY, field, fx[field], reason)
+        hours = set()
+        for member in pending:
+            hour = member.decode(errors="replace")
+            if K.is_hour(hour):
+                hours.add(hour)
+            else:
+                self._quarantine(K.PENDING_INDEX, member, b"", "not an hour (YYYYmmddHH)")
+        self.pending_hours = hours
+
+    def _quarantine(self, key: str, field: bytes, value: bytes, reason: str) -> None:
+        """Move a malformed entry that another process wrote out of `key` (a hash field or a
+        set member) into the rejected list, with its bytes and the reason; never fatal."""
+        pipe = self.redis.pipeline(transaction=True)
+        if key == K.PENDING_INDEX:
+            pipe.srem(key, field)
+        else:
+            pipe.hdel(key, field)
+        where = field.decode(errors="replace")
+        pipe.lpush(K.REJECTED_KEY, _rejected_entry(key, where, reason, value))
+        pipe.ltrim(K.REJECTED_KEY, 0, K.REJECTED_MAX - 1)
+        pipe.execute()
+        EVENTS.labels(key, "rejected").inc()
+        log.warning(
+            "malformed Redis entry quarantined",
+            extra={"key": key, "field": field.decode(errors="replace")[:200], "reason": reason},
+        )
 
     def _run_script(
         self,
@@ -305,34 +349,39 @@ class Hvs:
                         # this client does not decode responses: the fields are bytes
                         entries = cast("dict[bytes, bytes]", pipe.hgetall(pkey))
                         pipe.multi()
+                        bad = []
                         for f, v in entries.items():
-                            key, category, usage_type = K.split_pending_field(f.decode())
-                            zar = int(v)
+                            parsed = K.parse_pending_entry(f, v)
+                            if isinstance(parsed, str):
+                                bad.append((f, v, parsed))
+                                continue
+                            key, category, usage_type, zar = parsed
                             p = f"{category}:{usage_type}:"
                             pipe.hincrby(key, p + K.WAK, wak_units_oracle(zar, rate))
                             pipe.hincrby(key, p + K.ZAR_PENDING, -zar)
                             pipe.expire(key, self._ttl)
                         pipe.delete(pkey)
                         pipe.srem(K.PENDING_INDEX, hour)
+                        for f, v, reason in bad:
+                            entry = _rejected_entry(pkey, f.decode(errors="replace"), reason, v)
+                            pipe.lpush(K.REJECTED_KEY, entry)
                         pipe.execute()
                         break
                     except redis.WatchError:
                         continue
+            for f, _v, reason in bad:
+                EVENTS.labels(pkey, "rejected").inc()
+                log.warning(
+                    "malformed pending entry recorded and dropped",
+                    extra={"key": pkey, "field": f.decode(errors="replace")[:200], "why": reason},
+                )
             self.pending_hours.discard(hour)
             done += 1
             log.info("priced pending WAK", extra={"hour": hour, "entries": len(entries)})
         return done
 
     def reject(self, msg: Message, reason: str) -> None:
-        entry = orjson.dumps(
-            {
-                "topic": msg.topic,
-                "position": msg.position,
-                "reason": reason,
-                "value": msg.value.decode(errors="replace")[:2000],
-                "rejected_at": time.time(),
-            }
-        )
+        entry = _rejected_entry(msg.topic, msg.position, reason, msg.value)
         pipe = self.redis.pipeline(transaction=False)
         pipe.lpush(K.REJECTED_KEY, entry)
         pipe.ltrim(K.REJECTED_KEY, 0, K.REJECTED_MAX - 1)
@@ -351,19 +400,19 @@ class Hvs:
         lines: dict[str, dict[int, int]] = {}  # source file -> {line_no: index in rows}
         landed: dict[str, float] = {}
         tick_topic = self.settings.tick_topic
-        topics = self._topics
+        topics, window = self._topics, self._window
         load, category_of = load_cdr, cdr_category
         for m in messages:
             topic = m.topic
             try:
                 if topic == tick_topic:
-                    t = decode_tick(m)
+                    t = decode_tick(m, window)
                     if ticks.setdefault((t.pair, t.hour, t.slot), t) is not t:
                         res.duplicates += 1
                     continue
                 row, obj = load(m.value, category_of(topic, topics))
-            except BadEvent as exc:
-                self.reject(m, str(exc))
+            except Exception as exc:  # bad data, whatever the decoder raised (common.poison)
+                self.reject(m, reason_of(exc))
                 res.rejected += 1
                 EVENTS.labels(topic, "rejected").inc()
                 continue

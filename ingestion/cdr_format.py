@@ -12,8 +12,15 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-NAME_PATTERN = re.compile(r"^cdr_(data|voice)_(\d{8})_(\d{6})\.csv$")
-"""A CDR file name: `cdr_data_YYYYmmdd_HHMMSS.csv` or `cdr_voice_YYYYmmdd_HHMMSS.csv`."""
+NAME_PATTERN = re.compile(r"cdr_(data|voice)_([0-9]{8})_([0-9]{6})\.csv")
+"""A CDR file name: `cdr_data_YYYYmmdd_HHMMSS.csv` or `cdr_voice_YYYYmmdd_HHMMSS.csv`, matched
+whole (`fullmatch`: `$` would let a name end in a newline) with ASCII digits only."""
+
+MAX_ROW_BYTES = 8192
+"""A CDR row longer than this is rejected (a starter row is about 150 bytes): far below the
+1 MB a stream message may hold (Kafka's default)."""
+MAX_FIELD_BYTES = 2048
+"""A CDR field longer than this is rejected (the longest, website_url, is a URL)."""
 
 MSISDN_DIGITS = 13
 """msisdn and dest_nr: 13 digits, kept as text (about 10 % start with a zero)."""
@@ -105,7 +112,7 @@ assert all(k.columns[-1].name == k.event_time for k in KINDS.values())  # see ev
 
 def kind_of(file_name: str) -> Kind | None:
     """The kind of a CDR file from its name, or None when the name is not a CDR file name."""
-    match = NAME_PATTERN.match(file_name)
+    match = NAME_PATTERN.fullmatch(file_name)
     if match is None:
         return None
     try:
@@ -127,13 +134,15 @@ def split_lines(data: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-def copy_ready(data: bytes) -> bool:
-    """True when every line can go to `COPY (format csv)` as it is: no quote characters.
+def copy_ready(data: bytes, lines: list[bytes]) -> bool:
+    """True when every line can go to `COPY (format csv)` as it is: no quote characters, and
+    no line longer than `MAX_FIELD_BYTES` (so no field is either).
 
     Without quotes a CSV line is split at every comma, so a line is exactly one record and its
-    line number is known; lines with quotes take the line path (Python's csv reader).
+    line number is known; lines with quotes take the line path (Python's csv reader), and so do
+    long lines, whose row and field sizes it checks.
     """
-    return b'"' not in data
+    return b'"' not in data and max(map(len, lines), default=0) <= MAX_FIELD_BYTES
 
 
 def event_times_written(body: bytes, rows: int) -> bool:
@@ -241,12 +250,18 @@ def parse_line(raw: bytes) -> tuple[str, str | None, list[str]]:
     """`(text, problem, fields)` of one line without its ending; `problem` None when it parses.
 
     Fields are split as Python's csv module writes them (comma, minimal quoting), strictly: a
-    quote in the wrong place, a stray CR or a line break inside quotes is a problem.
+    quote in the wrong place, a stray CR or a line break inside quotes is a problem. A row over
+    `MAX_ROW_BYTES` or a field over `MAX_FIELD_BYTES` is a problem; the text kept of such a row
+    is its first `MAX_FIELD_BYTES` bytes.
     """
+    if len(raw) > MAX_ROW_BYTES:
+        kept = raw[:MAX_FIELD_BYTES].decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+        return kept, f"row too long: {len(raw)} bytes > {MAX_ROW_BYTES}", []
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return raw.decode("utf-8", "backslashreplace"), "not valid UTF-8", []
+        text = raw.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+        return text, "not valid UTF-8", []  # Postgres text holds no NUL: it is kept escaped
     if "\x00" in text:
         return text.replace("\x00", "\\x00"), "contains a NUL byte", []
     if text == "":
@@ -255,4 +270,8 @@ def parse_line(raw: bytes) -> tuple[str, str | None, list[str]]:
         fields = next(csv.reader([text], strict=True))
     except csv.Error as exc:
         return text, f"bad CSV: {exc}", []
+    for i, value in enumerate(fields, start=1):
+        if len(value) > MAX_FIELD_BYTES and len(value.encode()) > MAX_FIELD_BYTES:
+            size = len(value.encode())
+            return text, f"field {i} too long: {size} bytes > {MAX_FIELD_BYTES}", []
     return text, None, fields

@@ -73,7 +73,9 @@ begin return value::timestamp; exception when others then return null; end $$;
 
 @dataclass(frozen=True)
 class Landing:
-    """What happened to one file. `outcome`: landed, replaced, skipped or rejected."""
+    """What happened to one file. `outcome`: landed, replaced (a version rejected as a whole
+    before), skipped (landed before with this checksum), rejected, or conflict (another version
+    was landed; this one is quarantined in `cdr_data.file_conflicts`)."""
 
     file_name: str
     kind: str
@@ -129,7 +131,7 @@ def land_file(conn: psycopg.Connection, file_name: str, data: bytes) -> Landing:
         "sha256": sha256_hex(data),
     }
     lines = split_lines(data)
-    if copy_ready(data):
+    if copy_ready(data, lines):
         body = copy_body(file_name, lines)
         if event_times_written(body, max(len(lines) - 1, 0)):
             try:
@@ -159,12 +161,22 @@ def _land(
         # a statement of its own after the lock: its snapshot sees a file another loader landed
         # while this one waited
         row = conn.execute(
-            "select sha256 from cdr_data.files where file_name = %s", (file_name,)
+            "select sha256, rows_landed from cdr_data.files where file_name = %s", (file_name,)
         ).fetchone()
         if row is not None and row[0] == base["sha256"]:
             return Landing(**base, outcome="skipped")
-        if row is not None:
+        if row is not None and row[1] > 0:
+            # Replaced under the same name: its rows are landed and published already. The
+            # landed version stays; the new one is quarantined whole (docs/failure-handling.md).
+            _record_conflict(conn, base, row[0])
+            return Landing(**base, outcome="conflict", path="file")
+        if row is not None:  # nothing of it landed (rejected as a whole): the new version lands
             _delete_file(conn, kind, file_name)
+        else:  # a rejection of an earlier state of the file (empty, unreadable) is history now
+            conn.execute(
+                "delete from cdr_data.rejected_rows where source_file = %s and line_no = 0",
+                (file_name,),
+            )
         outcome = "replaced" if row is not None else "landed"
 
         problem = header_problem(kind, lines[0]) if lines else f"not a CDR {kind.name} file: empty"
@@ -192,6 +204,30 @@ def _land(
         last_event_at=last_at,
         path="lines" if body is None else "copy",
     )
+
+
+def _record_conflict(conn: psycopg.Connection, base: dict, landed_sha256: str) -> None:
+    reason = (
+        f"replaced under the same name: sha256 {base['sha256']} differs from the landed "
+        f"version's {landed_sha256}; the landed version is kept"
+    )
+    conn.execute(
+        "insert into cdr_data.file_conflicts (file_name, sha256, size_bytes, reason)"
+        " values (%s, %s, %s, %s) on conflict (file_name, sha256) do nothing",
+        (base["file_name"], base["sha256"], base["size_bytes"], reason),
+    )
+    log.error("file replaced under the same name: quarantined", extra={"file": base["file_name"]})
+
+
+def skip_file(conn: psycopg.Connection, file_name: str, reason: str) -> bool:
+    """Record a directory entry that is not taken (dot file, symlink, not a regular file).
+    False when it was recorded before."""
+    cur = conn.execute(
+        "insert into cdr_data.skipped_files (file_name, reason) values (%s, %s)"
+        " on conflict (file_name) do nothing",
+        (file_name, reason),
+    )
+    return cur.rowcount == 1
 
 
 def reject_file_name(conn: psycopg.Connection, file_name: str, reason: str) -> bool:

@@ -33,7 +33,13 @@ from common.logs import setup_logging
 from common.service import backoff, serve_metrics, stop_on_signals
 from common.settings import ServiceSettings
 from ingestion.cdr_format import kind_of
-from ingestion.cdr_landing import Landing, land_file, prepare_session, reject_file_name
+from ingestion.cdr_landing import (
+    Landing,
+    land_file,
+    prepare_session,
+    reject_file_name,
+    skip_file,
+)
 from ingestion.cdr_publish import publish_file, unpublished_files
 from ingestion.cdr_sftp import SFTP_ERRORS, CdrSftp, RemoteFile
 from ingestion.stream import Producer, StreamError, open_producer
@@ -276,6 +282,10 @@ class CdrLoader:
             if self._incomplete.get(f.name) == key:
                 self._pending[f.name] = f.mtime  # still waiting for its last line
                 continue
+            if f.skip is not None:
+                self._skip(f)
+                self._done[f.name] = key
+                continue
             if kind_of(f.name) is None:
                 self._reject_name(f)
                 self._done[f.name] = key
@@ -322,10 +332,23 @@ class CdrLoader:
             "not a CDR file: the name does not match "
             "cdr_data_YYYYmmdd_HHMMSS.csv or cdr_voice_YYYYmmdd_HHMMSS.csv"
         )
-        if reject_file_name(self._conn(), f.name, reason):
-            log.error("rejected a file that is not a CDR file", extra={"file": f.name})
+        if any(ch < " " or ch == "\x7f" for ch in f.name):
+            reason = "not a CDR file: the name holds control characters"
+        self._reject_file(f.name, reason)
+
+    def _reject_file(self, name: str, reason: str) -> None:
+        """A file rejected as a whole: recorded (line 0 of `cdr_data.rejected_rows`), counted
+        once, logged."""
+        if reject_file_name(self._conn(), name, reason):
+            log.error("rejected a file", extra={"file": name, "reason": reason})
             self.metrics.files.labels("none", "rejected").inc()
             self.metrics.rejects.labels("none").inc()
+
+    def _skip(self, f: RemoteFile) -> None:
+        """An entry that is not taken: recorded in `cdr_data.skipped_files`, counted once."""
+        if skip_file(self._conn(), f.name, f.skip or ""):
+            log.warning("skipped a directory entry", extra={"file": f.name, "reason": f.skip})
+            self.metrics.files.labels("none", "skipped").inc()
 
     def _land_all(self, candidates: list[RemoteFile], result: PollResult) -> None:
         bar = tqdm(total=len(candidates), unit="file", desc="cdr files", disable=not self.progress)
@@ -359,6 +382,9 @@ class CdrLoader:
                 elif outcome == "changed":
                     self._seen.pop(f.name, None)
                     result.waiting += 1
+                elif outcome == "rejected":  # recorded; taken again once it changes
+                    self._done[f.name] = key
+                    self._seen.pop(f.name, None)
                 elif outcome == "error":
                     result.errors += 1
                 else:
@@ -375,12 +401,26 @@ class CdrLoader:
         except FileNotFoundError:
             log.info("file vanished before it was read", extra={"file": f.name})
             return "changed", None
+        except PermissionError as exc:  # bad data (the file's mode), not an outage
+            try:
+                self._reject_file(f.name, f"unreadable: {exc.strerror or exc}")
+            except DB_ERRORS as db_exc:
+                self._db_failed("recording an unreadable file failed", db_exc, file=f.name)
+                return "error", None
+            return "rejected", None
         except SFTP_ERRORS as exc:
             self._sftp_failed("reading a CDR file failed", exc, file=f.name)
             return "error", None
         if len(data) != f.size:
             log.info("file still growing; waiting", extra={"file": f.name, "size": len(data)})
             return "changed", None
+        if not data:  # its size held still for settle_seconds: not an upload in progress
+            try:
+                self._reject_file(f.name, "empty file (0 bytes)")
+            except DB_ERRORS as exc:
+                self._db_failed("recording an empty file failed", exc, file=f.name)
+                return "error", None
+            return "rejected", None
         if not data.endswith(b"\n"):
             log.info("last line not complete yet; waiting", extra={"file": f.name})
             return "incomplete", None
@@ -420,6 +460,12 @@ class CdrLoader:
         }
         if landing.outcome == "rejected":
             log.error("rejected a file that is not a CDR file", extra=extra)
+        elif landing.outcome == "conflict":
+            log.error(
+                "file replaced under the same name: new version quarantined in "
+                "cdr_data.file_conflicts, the landed version kept",
+                extra=extra,
+            )
         elif landing.outcome == "replaced":
             log.warning("replaced a file whose content changed", extra=extra)
         elif landing.outcome == "skipped":

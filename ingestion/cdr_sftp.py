@@ -47,11 +47,28 @@ SFTP_ERRORS: tuple[type[BaseException], ...] = (
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """A regular file in the CDR directory as listed: name, size, modification time (s)."""
+    """An entry of the CDR directory as listed: name, size, modification time (s), and why it
+    is not taken (`skip`: a dot file, a symlink, not a regular file), None for a regular file."""
 
     name: str
     size: int
     mtime: int
+    skip: str | None = None
+
+
+def skip_reason(name: str, mode: int | None) -> str | None:
+    """Why a directory entry is not taken as a CDR file, or None when it may be one."""
+    if name.startswith("."):
+        return "dot file: hidden files (e.g. uploads in progress) are not taken"
+    if mode is None:
+        return "no file type reported by the server"
+    if stat.S_ISLNK(mode):
+        return "symlink: links are not followed out of the drop folder"
+    if stat.S_ISDIR(mode):
+        return "directory: only files directly in the drop folder are taken"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return None
 
 
 class CdrSftp:
@@ -101,12 +118,15 @@ class CdrSftp:
             raise SftpError(f"host key of {name} is not in {known_hosts}")
 
     def listing(self) -> list[RemoteFile]:
-        """Regular files of the directory, dot files left out, by name."""
+        """Every entry of the directory by name (`.` and `..` left out); those that are not
+        regular files, or are dot files, carry the reason they are not taken (`skip`)."""
         entries = self._sftp.listdir_attr(self.directory)
         files = [
-            RemoteFile(e.filename, e.st_size or 0, e.st_mtime or 0)
+            RemoteFile(
+                e.filename, e.st_size or 0, e.st_mtime or 0, skip_reason(e.filename, e.st_mode)
+            )
             for e in entries
-            if not e.filename.startswith(".") and e.st_mode is not None and stat.S_ISREG(e.st_mode)
+            if e.filename not in (".", "..")
         ]
         return sorted(files, key=lambda f: f.name)
 

@@ -52,6 +52,11 @@ log = logging.getLogger("ingestion.crm_cdc")
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+PUBLISHED_OPERATIONS = "insert, update, delete, truncate"
+"""What the publication sends: TRUNCATE too, so that the reader sees it and stops (never
+silent; see `changes_from_messages`)."""
+
+
 class CdcError(RuntimeError):
     """The CDC reader cannot go on safely (setup, lost slot, unexpected change)."""
 
@@ -187,12 +192,25 @@ def changes_from_messages(
                 raise CdcError(f"change for unknown relation id {msg.relation_id}")
             pending.extend(_row_changes(rel, msg, lsn, begin.commit_ts_ms))
         elif isinstance(msg, po.Truncate):
-            log.warning(
-                "truncate in the source is not captured (as with Debezium's default)",
-                extra={"lsn": po.int_to_lsn(lsn)},
+            if txns:  # land the transactions before it first; it heads the next read
+                break
+            # Never silent: the change log has no row for "every row gone", so the reader stops
+            # before it, naming the tables; its position stays before the TRUNCATE (see
+            # docs/failure-handling.md for the way on).
+            names = [
+                relations[r].qualified_name if r in relations else f"relation id {r}"
+                for r in msg.relation_ids
+            ]
+            raise CdcError(
+                f"TRUNCATE of {', '.join(names)} at {po.int_to_lsn(lsn)}: the change log cannot "
+                "record it; the reader stops here (docs/failure-handling.md, CRM TRUNCATE)"
             )
         # Origin, Type and logical messages carry nothing to land.
     return done, last_end, last_ts, txns, consumed
+
+
+def _truncate_in(rows: Sequence[tuple[int, bytes]]) -> bool:
+    return any(isinstance(po.decode(data), po.Truncate) for _, data in rows)
 
 
 def _as_dict(rel: po.Relation, values: Sequence[po.Value], lsn: int) -> dict[str, str | None]:
@@ -307,16 +325,21 @@ class CrmCdc:
         ).fetchone()
         if not exists:
             self.prod.execute(
-                sql.SQL(
-                    "create publication {} for table {} with (publish = 'insert, update, delete')"
-                ).format(
+                sql.SQL("create publication {} for table {} with (publish = {})").format(
                     sql.Identifier(self.s.publication),
                     sql.SQL(", ").join(
                         sql.Identifier(self.s.source_schema, t) for t in self.s.tables
                     ),
+                    sql.Literal(PUBLISHED_OPERATIONS),
                 )
             )
             log.info("publication created", extra={"publication": self.s.publication})
+        else:  # one created before TRUNCATE was published: TRUNCATE is never silent
+            self.prod.execute(
+                sql.SQL("alter publication {} set (publish = {})").format(
+                    sql.Identifier(self.s.publication), sql.Literal(PUBLISHED_OPERATIONS)
+                )
+            )
         published = {
             r[0]
             for r in self.prod.execute(
@@ -565,7 +588,9 @@ class CrmCdc:
         changes, end_lsn, ts_ms, txns, consumed = changes_from_messages(rows, self.relations)
         self._check_relations()
         caught_up = len(rows) < self.s.batch_changes
-        if consumed != len(rows):
+        if consumed != len(rows) and _truncate_in(rows[consumed:]):
+            caught_up = False  # land what came before; the next read meets the TRUNCATE first
+        elif consumed != len(rows):
             raise CdcError(
                 f"slot {self.s.slot} returned {len(rows) - consumed} rows after the last commit"
             )

@@ -11,9 +11,8 @@ new. See docs/raw-layer.md (forex ticks).
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import logging
-import re
 import socket
 import sys
 import threading
@@ -21,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal
+from typing import Any
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -29,6 +28,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from common.logs import setup_logging
+from common.poison import BadInput, Poison, decode, skip
 from common.service import (
     cli_overrides,
     crash_point,
@@ -37,23 +37,16 @@ from common.service import (
     stop_on_signals,
     wait_to_retry,
 )
-from common.settings import ServiceSettings
-from ingestion.cdr_format import TIMESTAMP_PATTERN
+from common.settings import ServiceSettings, TickRules
 from ingestion.stream import Message, StreamError, open_consumer
+from ingestion.tick_format import Tick, TickWindow, decode_tick
 
 log = logging.getLogger("ingestion.tick_sink")
 
-FIELDS = ("timestamp", "pair_name", "bid_price", "ask_price", "spread")
-PRICE_FIELDS = ("bid_price", "ask_price", "spread")
-# What a Postgres `numeric` column stores: a larger or finer number fails the whole COPY.
-NUMERIC_MAX_INT_DIGITS = 131072
-NUMERIC_MAX_SCALE = 16383
-_TS_RE = re.compile(f"^{TIMESTAMP_PATTERN}$")
 
-
-class TickSinkSettings(ServiceSettings):
-    """Settings of the tick sink: the shared `WTC_ANALYTICS_DSN` and `STREAM_URL`, the rest
-    `TICK_SINK_*`."""
+class TickSinkSettings(ServiceSettings, TickRules):
+    """Settings of the tick sink: the shared `WTC_ANALYTICS_DSN` and `STREAM_URL`, the tick
+    window `WTC_TICK_*` (shared with the HVS consumer), the rest `TICK_SINK_*`."""
 
     model_config = SettingsConfigDict(
         env_prefix="TICK_SINK_", extra="ignore", populate_by_name=True
@@ -77,68 +70,28 @@ class TickSinkSettings(ServiceSettings):
     metrics_port: int = Field(default=19102, description="Prometheus metrics port; 0 = off")
 
 
-@dataclass(frozen=True, slots=True)
-class Tick:
-    pair_name: str
-    tick_ts: datetime
-    bid_price: Decimal
-    ask_price: Decimal
-    spread: Decimal
+def parse_tick(value: bytes, pairs: Sequence[str], window: TickWindow | None = None) -> Tick:
+    """Decode one message value with the one tick decoder (`ingestion.tick_format`); raises
+    `ingestion.tick_format.BadTick` with the reason."""
+    return decode_tick(value, pairs, window or TickWindow())
 
 
-class BadTick(ValueError):
-    """A message that is not a valid tick; the text is the reason stored with it."""
+PAYLOAD_KEPT = 65_536
+"""Bytes of a rejected message's value kept in `forex_data.rejected_messages.payload` (its
+position points to the whole of it while the stream keeps it)."""
 
 
-def _no_constants(name: str) -> Decimal:
-    raise BadTick(f"not a finite number: {name}")
+def _keep_reject(rejects: list[tuple[Any, ...]], key: bytes | None, poison: Poison) -> None:
+    rejects.append(_reject_row(poison, key))
 
 
-def parse_tick(value: bytes, pairs: Sequence[str]) -> Tick:
-    """Parse and check one message value in the contract's JSON; raise BadTick with a reason."""
-    try:
-        obj = json.loads(value, parse_float=Decimal, parse_constant=_no_constants)
-    except BadTick:
-        raise
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadTick(f"not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise BadTick(f"not a JSON object but {type(obj).__name__}")
-    missing = [f for f in FIELDS if obj.get(f) is None]
-    if missing:
-        raise BadTick(f"missing field(s): {', '.join(missing)}")
-    pair = obj["pair_name"]
-    if not isinstance(pair, str) or pair not in pairs:
-        raise BadTick(f"unknown pair {pair!r} (expected one of {', '.join(pairs)})")
-    ts = obj["timestamp"]
-    if not isinstance(ts, str) or not _TS_RE.match(ts):
-        raise BadTick(f"bad timestamp {ts!r}: expected 'YYYY-mm-dd HH:MM:SS[.ffffff]'")
-    try:
-        tick_ts = datetime.fromisoformat(ts)
-    except ValueError as exc:
-        raise BadTick(f"bad timestamp {ts!r}: {exc}") from None
-    prices: dict[str, Decimal] = {}
-    for name in PRICE_FIELDS:
-        v = obj[name]
-        if isinstance(v, bool) or not isinstance(v, int | Decimal):
-            raise BadTick(f"{name} is not a number: {v!r}")
-        d = Decimal(v)
-        exponent = d.as_tuple().exponent
-        assert isinstance(exponent, int)  # finite: parse_constant refuses NaN and Infinity
-        if d.adjusted() >= NUMERIC_MAX_INT_DIGITS or -exponent > NUMERIC_MAX_SCALE:
-            raise BadTick(
-                f"{name} out of range: numeric holds at most {NUMERIC_MAX_INT_DIGITS} digits "
-                f"before and {NUMERIC_MAX_SCALE} after the point"
-            )
-        prices[name] = d
-    bid, ask, spread = prices["bid_price"], prices["ask_price"], prices["spread"]
-    if bid <= 0 or ask <= 0:
-        raise BadTick(f"non-positive price: bid_price={bid} ask_price={ask}")
-    if spread < 0:
-        raise BadTick(f"negative spread: {spread}")
-    if ask < bid:
-        raise BadTick(f"inverted prices: ask_price {ask} < bid_price {bid}")
-    return Tick(pair, tick_ts, bid, ask, spread)
+def _reject_row(poison: Poison, key: bytes | None) -> tuple[str, str | None, str | None, str]:
+    """A `tick_reject_stage` row: source (topic@position), key, payload (bounded), reason."""
+    raw = poison.raw or b""
+    payload = _text(raw[:PAYLOAD_KEPT])
+    if len(raw) > PAYLOAD_KEPT:
+        payload = f"{payload}... ({len(raw)} bytes, first {PAYLOAD_KEPT} kept)"
+    return (f"{poison.source}@{poison.position}", _text(key), payload, poison.reason)
 
 
 def _text(raw: bytes | None) -> str | None:
@@ -232,6 +185,7 @@ class TickSink:
         self.s = settings
         self.metrics = metrics or Metrics()
         self._conn: psycopg.Connection | None = None
+        self._window = TickWindow.of(settings)
 
     @property
     def conn(self) -> psycopg.Connection:
@@ -253,12 +207,14 @@ class TickSink:
         ticks: list[tuple] = []
         rejects: list[tuple] = []
         newest: datetime | None = None
+        window, pairs = self._window, self.s.pairs
         for seq, m in enumerate(messages):
             source = f"{m.topic}@{m.position}"
-            try:
-                t = parse_tick(m.value, self.s.pairs)
-            except BadTick as exc:
-                rejects.append((source, _text(m.key), _text(m.value), str(exc)))
+            t = decode(functools.partial(decode_tick, m.value, pairs, window))
+            if isinstance(t, BadInput):
+                # recorded in the batch's transaction below, counted after its commit
+                poison = Poison(m.topic, m.position, str(t), m.value)
+                skip(log, poison, functools.partial(_keep_reject, rejects, m.key))
                 continue
             ticks.append(
                 (

@@ -29,6 +29,8 @@ from common.settings import PROJECT_ROOT
 from ingestion.cdr_format import (
     DATA,
     KINDS,
+    MAX_FIELD_BYTES,
+    MAX_ROW_BYTES,
     VOICE,
     Column,
     copy_ready,
@@ -38,7 +40,7 @@ from ingestion.cdr_format import (
     parse_line,
     split_lines,
 )
-from ingestion.cdr_landing import copy_body, prepare_session
+from ingestion.cdr_landing import copy_body, prepare_session, sha256_hex
 from ingestion.cdr_loader import CdrLoader, LoaderSettings
 from ingestion.cdr_publish import CDR_DATA_TOPIC, CDR_VOICE_TOPIC
 from ingestion.cdr_sftp import READ_REQUEST_SIZE, CdrSftp
@@ -152,8 +154,19 @@ def test_names_headers_and_lines() -> None:
     assert parse_line(b"\xff,1")[1] == "not valid UTF-8"
     assert parse_line(b"")[1] == "empty line"
     assert parse_line(b'1,"a"b,c')[1].startswith("bad CSV")
-    assert copy_ready(b"a,b\r\nc,d\n")
-    assert not copy_ready(b'a,"b"\n')
+    assert copy_ready(b"a,b\r\nc,d\n", [b"a,b", b"c,d"])
+    assert not copy_ready(b'a,"b"\n', [b'a,"b"'])
+    long = b"a," + b"x" * MAX_FIELD_BYTES
+    assert not copy_ready(long + b"\n", [long])  # the line path checks its sizes
+    # the whole name must match: no trailing newline, ASCII digits only
+    assert kind_of("cdr_data_20240101_000320.csv\n") is None
+    assert kind_of("cdr_data_２０２４0101_000320.csv") is None
+    assert parse_line(b"1," + b"x" * MAX_ROW_BYTES)[1] == (
+        f"row too long: {MAX_ROW_BYTES + 2} bytes > {MAX_ROW_BYTES}"
+    )
+    assert parse_line(b"1," + b"x" * (MAX_FIELD_BYTES + 1))[1] == (
+        f"field 2 too long: {MAX_FIELD_BYTES + 1} bytes > {MAX_FIELD_BYTES}"
+    )
 
 
 def test_split_lines_strips_lf_and_crlf_endings() -> None:
@@ -355,7 +368,10 @@ def test_metrics_count_files_rows_rejects_and_the_backlog(stack, cdr_dir) -> Non
     assert landed_counts(stack) == {good: 3, bad: 1, waiting: 2}
 
 
-def test_reuploaded_file_same_is_skipped_changed_is_replaced(stack, cdr_dir, caplog) -> None:
+def test_reuploaded_file_same_is_skipped_changed_is_quarantined(stack, cdr_dir, caplog) -> None:
+    """A landed file uploaded again: the same bytes are skipped; other bytes are a conflict, the
+    new version quarantined whole in cdr_data.file_conflicts and the landed one kept (its rows
+    were published: raw and HVS must agree, docs/failure-handling.md)."""
     directory, path = cdr_dir
     name = "cdr_voice_20310301_000000.csv"
     good = "0712345678901,12,voice,0712345678902,60,2031-03-01 00:00:01"
@@ -373,19 +389,40 @@ def test_reuploaded_file_same_is_skipped_changed_is_replaced(stack, cdr_dir, cap
         (path / name).write_bytes(changed)
         os.utime(path / name, (time.time() + 20, time.time() + 20))
         with caplog.at_level("WARNING"):
-            replaced = loader.poll_once().landed + loader.poll_once().landed
-    assert [(x.outcome, x.rows_landed) for x in replaced] == [("replaced", 4)]
-    assert "replacing its rows" in caplog.text
-    assert landed_counts(stack) == {name: 4}
-    assert query(stack, "select count(*) from cdr_data.rejected_rows") == [(0,)]
+            conflict = loader.poll_once().landed + loader.poll_once().landed
+    assert [(x.outcome, x.rows_landed) for x in conflict] == [("conflict", 0)]
+    assert "quarantined" in caplog.text
+    assert landed_counts(stack) == {name: 2}
+    assert query(stack, "select count(*) from cdr_data.rejected_rows") == [(1,)]
     assert query(stack, "select rows_landed, sha256 from cdr_data.files") == [
-        (4, replaced[0].sha256)
+        (2, sha256_hex(first))
     ]
+    assert query(stack, "select file_name, sha256 from cdr_data.file_conflicts") == [
+        (name, conflict[0].sha256)
+    ]
+
+
+def test_a_file_rejected_whole_is_replaced_by_a_good_upload(stack, cdr_dir) -> None:
+    """Nothing of a file rejected as a whole (here: its header) was landed or published, so a
+    corrected upload under the same name replaces it."""
+    directory, path = cdr_dir
+    name = "cdr_voice_20310302_000000.csv"
+    good = "0712345678901,12,voice,0712345678902,60,2031-03-02 00:00:01"
+    (path / name).write_bytes(csv_bytes("not,a,header", [good]))
+    with CdrLoader(settings_for(stack, directory), progress=False) as loader:
+        assert loader.run_once()
+        (path / name).write_bytes(csv_bytes(VOICE_HEADER, [good, good]))
+        os.utime(path / name, (time.time() + 20, time.time() + 20))
+        replaced = loader.poll_once().landed + loader.poll_once().landed
+    assert [(x.outcome, x.rows_landed) for x in replaced] == [("replaced", 2)]
+    assert landed_counts(stack) == {name: 2}
+    assert query(stack, "select count(*) from cdr_data.rejected_rows") == [(0,)]
 
 
 def test_a_changed_file_that_kept_size_and_mtime_is_found_by_a_rescan(stack, cdr_dir) -> None:
     """A re-upload that keeps the length and the old modification time (`sftp put -p`) is not
-    read again by a plain run; `rescan` reads every file and the checksum finds the change."""
+    read again by a plain run; `rescan` reads every file and the checksum finds the change (a
+    conflict: quarantined, the landed version kept)."""
     directory, path = cdr_dir
     name = "cdr_voice_20310310_000000.csv"
     v = "0712345678901,12,voice,0712345678902,60,2031-03-10 00:00:01"
@@ -403,9 +440,10 @@ def test_a_changed_file_that_kept_size_and_mtime_is_found_by_a_rescan(stack, cdr
     assert query(stack, durations) == [(60,), (60,)]  # not read again: size and mtime matched
     with CdrLoader(settings_for(stack, directory, rescan=True), progress=False) as loader:
         loader.poll_once()
-        assert [x.outcome for x in loader.poll_once().landed] == ["replaced"]
+        assert [x.outcome for x in loader.poll_once().landed] == ["conflict"]
         assert loader.poll_once().landed == []  # once per run
-    assert query(stack, durations) == [(60,), (61,)]
+    assert query(stack, durations) == [(60,), (60,)]  # the landed version is kept
+    assert query(stack, "select file_name from cdr_data.file_conflicts") == [(name,)]
 
 
 def test_bad_rows_are_quarantined_with_their_reason(stack, cdr_dir, caplog) -> None:

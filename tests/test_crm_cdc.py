@@ -458,6 +458,25 @@ def test_new_source_column_stops_the_reader(crm: Crm) -> None:
             crm.prod.execute("alter table crm_system.accounts drop column loyalty_tier")
 
 
+def test_truncate_stops_the_reader_naming_the_table(crm: Crm) -> None:
+    """Case 8: a TRUNCATE of a captured table is never ignored. The changes committed before it
+    land; then the reader stops with an error naming the table, at every restart, and the
+    TRUNCATE stays in the slot (docs/failure-handling.md: the chosen policy and the way on)."""
+    from ingestion.crm_cdc import CdcError
+
+    insert_people(crm.prod, range(1, 3))
+    crm.run()  # snapshot
+    insert_people(crm.prod, range(3, 4))  # a good change before the TRUNCATE
+    crm.prod.execute("truncate crm_system.devices")
+    before = crm.count()
+    with pytest.raises(CdcError, match=r"TRUNCATE of crm_system\.devices at "):
+        crm.run()
+    assert crm.count() == before + 3  # the insert before it landed (account, address, device)
+    with pytest.raises(CdcError, match=r"TRUNCATE of crm_system\.devices"):
+        crm.run()  # a restart stops at the same place
+    assert crm.pending_changes() > 0
+
+
 def test_follow_metrics_and_sigterm(crm: Crm) -> None:
     insert_people(crm.prod, range(1, 4))
     port = free_port()

@@ -46,6 +46,8 @@ RAW_TABLES = {
     ("cdr_data", "data_records"),
     ("cdr_data", "voice_records"),
     ("cdr_data", "rejected_rows"),
+    ("cdr_data", "skipped_files"),
+    ("cdr_data", "file_conflicts"),
     ("forex_data", "ticks"),
     ("forex_data", "rejected_messages"),
     ("crm_data", "accounts_changes"),

@@ -19,8 +19,8 @@ import pytest
 from common.service import CRASH_EXIT_CODE
 from ingestion.generators.forex import PAIRS, tick_key, tick_value
 from ingestion.stream import open_producer
+from ingestion.tick_format import BadTick
 from ingestion.tick_sink import (
-    BadTick,
     Metrics,
     TickSink,
     TickSinkSettings,
@@ -84,7 +84,7 @@ BAD = [
     (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": 1e-20000, '
      b'"ask_price": 1.2, "spread": 0.1}', "bid_price out of range"),
     (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": 1.1, '
-     b'"ask_price": 1.2, "spread": 0E-16384}', "spread out of range"),
+     b'"ask_price": 1.2, "spread": 1E-16384}', "spread out of range"),
     (b'{"timestamp": "2024-01-01 00:00:01", "pair_name": "MRVZAR", "bid_price": 1.1, '
      b'"ask_price": 1e131072, "spread": 0.1}', "ask_price out of range"),
 ]  # fmt: skip
