@@ -1,6 +1,7 @@
 """The pipeline benchmark's report: a Markdown page with matplotlib plots, and the terminal summary.
 
     python -m bench._report [--out .wtc/bench]   # write it again from the saved results
+    python -m bench._report --docs               # ... and publish it as docs/benchmarks.md
 
 Every goal of the issue is printed next to its figure with `met` or `not met`; the figure's
 baseline comes from the same run.
@@ -368,11 +369,40 @@ def markdown(results: dict, images: dict[str, str], image_dir: str) -> str:
                 f" {_fmt(api.get('api_rps'), 'req/s')} against a bare Redis endpoint"
                 f" {_fmt(api.get('bare_rps'), 'req/s')} (ratio {_fmt(api.get('ratio'))}).",
             ]
+    for scale, result in results.items():
+        md += _profile_md(scale, result.get("profile", {}))
     md += ["", "## Plots", ""]
     for key, name in images.items():
         md.append(f"![{key}]({image_dir}/{name})")
         md.append("")
     return "\n".join(md) + "\n"
+
+
+def _profile_md(scale: str, profile: dict) -> list[str]:
+    sql, python = profile.get("sql", {}), profile.get("python", {})
+    if not (sql or python):
+        return []
+    md = ["", f"## Profiles at {scale} (--profile)"]
+    for name, summary in python.items():
+        md += ["", f"py-spy, {name} ({summary['samples']} samples): own time by function", ""]
+        md += [f"- {share:.0%} `{frame}`" for frame, share in summary["own"][:8]]
+    for name, statements in sql.items():
+        if not statements:
+            continue
+        md += [
+            "",
+            f"pg_stat_statements, {name}: the statements that took the most time",
+            "",
+            "| share | ms | calls | rows | temp blocks | statement |",
+            "| ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for st in statements[:6]:
+            query = st["query"][:140].replace("|", "\\|")
+            md.append(
+                f"| {st['share'] or 0:.0%} | {st['ms']:,.0f} | {st['calls']} | {st['rows']} |"
+                f" {st['temp_blocks_written']} | `{query}` |"
+            )
+    return md
 
 
 def write(out: Path, results: dict, image_dir: str = "img") -> Path:
@@ -384,11 +414,31 @@ def write(out: Path, results: dict, image_dir: str = "img") -> Path:
     return path
 
 
+NOTES = "## Notes"
+
+
+def write_docs(docs: Path, results: dict) -> Path:
+    """The reference run as `docs/benchmarks.md` with its plots in `docs/benchmarks/`; the
+    hand-written part of the page (from its `## Notes` heading on) is kept."""
+    images = docs / "benchmarks"
+    images.mkdir(parents=True, exist_ok=True)
+    page = docs / "benchmarks.md"
+    notes = ""
+    if page.exists() and NOTES in page.read_text():
+        notes = page.read_text()[page.read_text().index(NOTES) :]
+    text = markdown(results, _plots(images, results), "benchmarks")
+    page.write_text(text + ("\n" + notes if notes else ""))
+    return page
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench._report", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / ".wtc" / "bench")
+    parser.add_argument(
+        "--docs", action="store_true", help="publish as docs/benchmarks.md (the reference run)"
+    )
     args = parser.parse_args(argv)
     results = {}
     for scale in ("tiny", "small", "starter", "10x"):
@@ -397,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             results[scale] = json.loads(path.read_text())
     print(summary(results))
     print(write(args.out, results))
+    if args.docs:
+        print(write_docs(PROJECT_ROOT / "docs", results))
     return 0
 
 

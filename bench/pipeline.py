@@ -46,7 +46,7 @@ from pathlib import Path
 import psycopg
 import redis
 
-from bench import _baselines
+from bench import _baselines, _profile
 from bench._procs import Clock, Command, MemorySampler, Stage, log_path, run, start
 from common.settings import PROJECT_ROOT
 from ingestion.generators.cdr import STARTER_CDR_START
@@ -143,7 +143,10 @@ def gen_ticks(start: datetime, hours: float, stream_url: str, seed: int) -> list
 class Run:
     """One pipeline run on one stack: its stages, its figures, its logs."""
 
-    def __init__(self, stack: Stack, scale: Scale, out: Path, display: StageDisplay) -> None:
+    def __init__(
+        self, stack: Stack, scale: Scale, out: Path, display: StageDisplay, profile: bool = False
+    ) -> None:
+        self.profile = profile
         self.stack = stack
         self.s = stack.s
         self.scale = scale
@@ -154,7 +157,7 @@ class Run:
         self.display = display
         self.clock = Clock()
         self.stages: list[Stage] = []
-        self.figures: dict = {"scale": asdict(scale)}
+        self.figures: dict = {"scale": asdict(scale), "profile": {"sql": {}, "python": {}}}
         self.metrics_port = free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("WTC_", "DBT_"))},
@@ -194,6 +197,7 @@ class Run:
         task = self.display.add(name, self._dbt_probe(name), unit="nodes")
         stage = self.run(name, [str(DBT_BIN), *args], phase, env=self.dbt_env, cwd=DBT_DIR)
         self.display.finish(task)
+        self.sql_profile(name)
         results = json.loads(
             (self.out / f"dbt-{self.scale.name}" / "target" / "run_results.json").read_text()
         )
@@ -266,7 +270,9 @@ class Run:
         t0 = self.clock.now()
         api_port = free_port()
         commands = {
-            "CDR loader": self.start("CDR loader", [PY, "-m", "ingestion.cdr_loader", "--once"]),
+            "CDR loader": self.start(
+                "CDR loader", self.spied("CDR loader", [PY, "-m", "ingestion.cdr_loader", "--once"])
+            ),
             "tick sink": self.start("tick sink", [PY, "-m", "ingestion.tick_sink", "--once"]),
             "CRM CDC": self.start("CRM CDC", [PY, "-m", "ingestion.crm_cdc", "--once"]),
         }
@@ -330,6 +336,7 @@ class Run:
             if stage.exit_code:
                 raise RuntimeError(f"first dbt build failed; see {self.logs}")
             self.dbt_nodes(stage)
+            self.sql_profile(stage.name)
         end = self.clock.now()
         self.figures["e2e_seconds"] = end - t0
         self.figures["e2e_started"] = t0
@@ -339,7 +346,23 @@ class Run:
     def start_dbt_first(self) -> tuple[Command, object]:
         name = "dbt build (first)"
         task = self.display.add(name, self._dbt_probe(name), unit="nodes")
-        return self.start(name, [str(DBT_BIN), "build"], env=self.dbt_env, cwd=DBT_DIR), task
+        self.sql_profile("landing")
+        argv = self.spied(name, [str(DBT_BIN), "build"])
+        return self.start(name, argv, env=self.dbt_env, cwd=DBT_DIR), task
+
+    def spied(self, name: str, argv: list[str]) -> list[str]:
+        """`argv` under py-spy with --profile (its peak RSS is then py-spy's own)."""
+        if not self.profile:
+            return argv
+        return _profile.pyspy(argv, log_path(self.logs, name).with_suffix(".pyspy.txt"))
+
+    def sql_profile(self, name: str) -> None:
+        if self.profile:
+            self.figures["profile"]["sql"][name] = _profile.top_statements(self.s.analytics_dsn)
+
+    def python_profiles(self) -> None:
+        for raw in self.logs.glob("*.pyspy.txt"):
+            self.figures["profile"]["python"][raw.name] = _profile.summarise(raw)
 
     def dbt_nodes(self, stage: Stage) -> None:
         results = json.loads(
@@ -493,11 +516,18 @@ def redis_bytes_per_subscriber_day(redis_url: str) -> dict:
 
 
 def run_scale(
-    scale: Scale, out: Path, skip_dbt: bool, skip_baselines: bool, display: StageDisplay
+    scale: Scale,
+    out: Path,
+    skip_dbt: bool,
+    skip_baselines: bool,
+    display: StageDisplay,
+    profile: bool = False,
 ) -> dict:
     load_before = os.getloadavg()
     with throwaway("wtc-bench-") as stack:
-        r = Run(stack, scale, out, display)
+        if profile:
+            _profile.enable_pg_stat_statements(stack)
+        r = Run(stack, scale, out, display, profile)
         r.generate()
         postmaster = stack.postgres_pid()
         assert postmaster is not None
@@ -507,6 +537,7 @@ def run_scale(
             if not skip_dbt:
                 r.incremental()
             r.stop_live()
+            r.python_profiles()
             r.figures["memory_peak"] = dict(memory.peak)
             r.figures["memory_series"] = memory.series[:: max(1, len(memory.series) // 400)]
         if not skip_baselines:
@@ -531,6 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-dbt", action="store_true", help="landing and live side only")
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the CDR loader and the first dbt build, pg_stat_statements for every "
+        "dbt build (timings then include the profilers' cost)",
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -544,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     with StageDisplay(enabled=args.progress) as display:
         for name in names:
             results[name] = run_scale(
-                SCALES[name], args.out, args.skip_dbt, args.skip_baselines, display
+                SCALES[name], args.out, args.skip_dbt, args.skip_baselines, display, args.profile
             )
             (args.out / f"pipeline-{name}.json").write_text(
                 json.dumps(results[name], indent=1, default=str)
