@@ -182,7 +182,7 @@ def _plots(out: Path, results: dict) -> dict[str, str]:
         "sources": "#55a868",
     }
     for scale, result in results.items():
-        stages = [s for s in result["stages"] if s["phase"] != "sources"]
+        stages = [s for s in result["stages"] if s["phase"] not in ("sources", "service")]
         fig, ax = plt.subplots(figsize=(9, 0.32 * len(stages) + 1.2))
         t0 = result.get("e2e_started", 0.0)
         for i, s in enumerate(stages):
@@ -280,7 +280,8 @@ def _plots(out: Path, results: dict) -> dict[str, str]:
         ax.barh(range(len(bars)), values, color=["#4c72b0"] + ["#8c8c8c"] * (len(bars) - 1))
         ax.set_yticks(range(len(bars)), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xscale("log")
+        if any(values):
+            ax.set_xscale("log")
         ax.set_title(title, fontsize=9)
         for i, v in enumerate(values):
             if v:

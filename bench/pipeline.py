@@ -251,6 +251,7 @@ class Run:
             "sources",
             sc.crm_transactions,
         )
+        self.stages[-1].unit = "transactions"
         ticks = self.run(
             "publish ticks", gen_ticks(STARTER_START, sc.hours, self.s.stream_url, 42), "sources"
         )
@@ -276,9 +277,9 @@ class Run:
             "tick sink": self.start("tick sink", [PY, "-m", "ingestion.tick_sink", "--once"]),
             "CRM CDC": self.start("CRM CDC", [PY, "-m", "ingestion.crm_cdc", "--once"]),
         }
-        hvs = self.start("HVS consumer", [PY, "-m", "hvs"])
+        hvs = self.start("HVS consumer (process)", [PY, "-m", "hvs"], phase="service")
         api = self.start(
-            "usage API",
+            "usage API (process)",
             [
                 PY,
                 "-m",
@@ -290,6 +291,7 @@ class Run:
                 str(api_port),
                 "--no-access-log",
             ],
+            phase="service",
         )
         tasks = {
             "CDR loader": self.display.add("CDR loader", cdr_rows_probe(dsn, src["cdr_rows"])),
@@ -326,10 +328,13 @@ class Run:
         )
         hvs_done = self.clock.now()
         self.display.finish(hvs_task)
+        caught_up = Stage("HVS consumer", hvs.stage.started, hvs_done, landed["cdr_rows"], "events")
+        self.stages.append(caught_up)
         self.figures["hvs_e2e"] = {"events": landed["cdr_rows"], "done_at": hvs_done - t0}
         answered = self.api_answers_last_file(api_port)
         answered["at"] = self.clock.now() - t0
         self.figures["api_last_file"] = answered
+        self.stages.append(Stage("API answers the last file", hvs_done, self.clock.now()))
         if dbt_first is not None:
             stage = dbt_first[0].wait()
             self.display.finish(dbt_first[1])
