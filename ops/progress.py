@@ -24,7 +24,6 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     Progress,
     ProgressColumn,
     Task,
@@ -43,15 +42,30 @@ Probe = Callable[[], tuple[float, float | None]]
 """Returns (done, total); total None while unknown. Called from the display's thread."""
 
 
+def _short(n: float) -> str:
+    for bound, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= bound:
+            return f"{n / bound:.1f}{suffix}"
+    return f"{n:.0f}"
+
+
+class CountColumn(ProgressColumn):
+    """Done of total, shortened (1.2M/1.7M)."""
+
+    def render(self, task: Task) -> Text:
+        total = "?" if task.total is None else _short(task.total)
+        return Text(f"{_short(task.completed):>6}/{total:<6}", style="progress.download")
+
+
 class RateColumn(ProgressColumn):
     """Rows per second over rich's sliding window, as a plain number with its unit."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         if speed is None:
-            return Text("     - /s", style="progress.data.speed")
+            return Text("      - /s", style="progress.data.speed")
         unit = task.fields.get("unit", "rows")
-        return Text(f"{speed:>9,.0f} {unit}/s", style="progress.data.speed")
+        return Text(f"{_short(speed):>6} {unit}/s", style="progress.data.speed")
 
 
 class StageDisplay:
@@ -66,9 +80,9 @@ class StageDisplay:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.progress = Progress(
-            TextColumn("{task.description:<22}"),
-            BarColumn(bar_width=28),
-            MofNCompleteColumn(),
+            TextColumn("{task.description:<20}"),
+            BarColumn(bar_width=20),
+            CountColumn(),
             RateColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
