@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SCALE ?= small
 export DBT_PROFILES_DIR := $(CURDIR)/dbt
 
-.PHONY: help venv setup start status stop demo test lint lint-monitoring format bench docs clean
+.PHONY: help venv setup start status stop demo test lint lint-monitoring format bench bench-stages docs clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -60,7 +60,10 @@ format: venv  ## apply ruff's and sqlfluff's formatting and fixes
 test: setup lint  ## lint, then the whole test suite against real servers
 	$(VENV)/bin/pytest
 
-bench: setup  ## benchmarks: ratios against baselines measured in the same run
+bench: setup  ## the whole pipeline end to end, with baselines and a report (SCALE=small|starter|10x)
+	$(PY) -m bench.pipeline --scale $(SCALE)
+
+bench-stages: setup  ## the per-stage benchmarks (loader, dbt, HVS and API), one after the other
 	$(PY) -m bench
 
 docs: venv  ## generate and serve the dbt docs site

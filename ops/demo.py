@@ -32,6 +32,7 @@ from api.auth import hash_password
 from common.logs import setup_logging
 from common.settings import PROJECT_ROOT, StackSettings
 from ops.dbt import DBT_BIN, DBT_DIR, connection_env
+from ops.progress import landing_display
 from ops.stack import Stack, StackError, port_open, wait_until
 
 log = logging.getLogger("ops.demo")
@@ -83,10 +84,20 @@ def write_env_file(path: Path, env: dict[str, str]) -> None:
     path.chmod(0o600)
 
 
-def run(step: str, argv: list[str], env: dict[str, str], cwd: Path = PROJECT_ROOT) -> None:
+def run(
+    step: str,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: Path = PROJECT_ROOT,
+    output: Path | None = None,
+) -> None:
     log.info("step: %s", step)
     started = time.monotonic()
-    result = subprocess.run(argv, cwd=cwd, env={**os.environ, **env})
+    # under a progress display, the step's logs go to a file
+    out = output.open("ab") if output else None
+    result = subprocess.run(argv, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=out)
+    if out:
+        out.close()
     if result.returncode != 0:
         raise StackError(f"step failed: {step} (exit {result.returncode}): {' '.join(argv)}")
     log.info("done: %s", step, extra={"seconds": round(time.monotonic() - started, 1)})
@@ -145,10 +156,16 @@ def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
     )
 
 
-def land_once(env: dict[str, str]) -> None:
-    run("land CDR files (and publish them)", [PY, "-m", "ingestion.cdr_loader", "--once"], env)
-    run("land forex ticks", [PY, "-m", "ingestion.tick_sink", "--once"], env)
-    run("capture CRM changes", [PY, "-m", "ingestion.crm_cdc", "--once"], env)
+def land_once(env: dict[str, str], stack: Stack) -> None:
+    steps = {
+        "land CDR files (and publish them)": "ingestion.cdr_loader",
+        "land forex ticks": "ingestion.tick_sink",
+        "capture CRM changes": "ingestion.crm_cdc",
+    }
+    with landing_display(stack.s) as display:  # rows, rate and ETA of each landing in a terminal
+        for step, module in steps.items():
+            output = stack.run_dir / f"{module}.once.log" if display.enabled else None
+            run(step, [PY, "-m", module, "--once"], env, output=output)
 
 
 def start_live(stack: Stack, env: dict[str, str]) -> None:
@@ -284,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         scale = SCALES[args.scale]
         generate(scale, stack, env)
-        land_once(env)
+        land_once(env, stack)
         start_live(stack, env)
         build_warehouse(stack, env)
         wait_for_healthy_api(env["API_URL"])

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from common.poison import BadInput, check_json_shape, decode
 from hvs import keys as K
-from hvs.decode import decode_cdr, decode_tick
+from hvs.decode import cdr_category, decode_tick, load_cdr
 from ingestion import pgoutput as po
 from ingestion.cdr_format import kind_of, parse_line
 from ingestion.stream import Message
@@ -86,7 +86,7 @@ def test_tick_window(ts: datetime) -> None:
 @given(st.one_of(st.binary(max_size=400), json_values.map(lambda v: json.dumps(v).encode())),
        st.sampled_from(["cdr-data", "cdr-voice", "other"]))  # fmt: skip
 def test_cdr_event_decoder_gives_a_value_or_a_reason(value: bytes, topic: str) -> None:
-    got = decode(lambda: decode_cdr(msg(topic, value)))
+    got = decode(lambda: load_cdr(value, cdr_category(topic)))
     if isinstance(got, BadInput):
         assert str(got) and not str(got).startswith("undecodable")
 
