@@ -7,10 +7,11 @@ stack only; set the environment variables for anything else.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from urllib.parse import quote
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,19 @@ CONTRACTS_DIR = PROJECT_ROOT / "contracts"
 # Development defaults for the local stack only (documented in the README).
 DEV_PG_PASSWORD = "postgres"
 DEV_SFTP_PASSWORD = "password"
+
+SFTP_CHROOT_BASE = Path("/var/lib/wtc-analytics")
+"""Where the SFTP chroots live: OpenSSH wants every component of a chroot's path owned by root
+and writable by no one else, which no folder under /tmp (nor a project checkout) is."""
+CDR_DROP = "/cdr"
+"""The CDR drop folder as the SFTP login sees it (inside its chroot); the login starts there."""
+
+
+def default_sftp_user(state_dir: Path) -> str:
+    """The SFTP login of the stack in `state_dir`: one per state folder, so that two stacks on
+    one machine never share an OS user (a short hash of the folder's path)."""
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+    return f"wtcsftp_{digest}"
 
 
 class StackSettings(BaseSettings):
@@ -39,10 +53,25 @@ class StackSettings(BaseSettings):
     )
     redis_port: int = 16379
     sftp_port: int = 10022
-    sftp_user: str = "cdr_data"
+    sftp_user: str = Field(
+        default="",
+        description="the SFTP login, an OS user of its own; default derived from the state folder",
+    )
     sftp_password: str = DEV_SFTP_PASSWORD
+    sftp_authorized_keys: str = Field(
+        default="", description="OpenSSH public keys (one per line) that may log in as sftp_user"
+    )
+    sftp_chroot_base: Path = Field(
+        default=SFTP_CHROOT_BASE, description="root-owned folder holding the SFTP chroots"
+    )
     api_port: int = 18089
     docs_port: int = 18088
+
+    @model_validator(mode="after")
+    def _derive_sftp_user(self) -> StackSettings:
+        if not self.sftp_user:
+            self.sftp_user = default_sftp_user(self.state_dir)
+        return self
 
     def pg_dsn(self, database: str) -> str:
         return (
@@ -75,9 +104,15 @@ class StackSettings(BaseSettings):
         )
 
     @property
+    def sftp_root(self) -> Path:
+        """The SFTP login's chroot (root-owned): the login sees nothing above it."""
+        return self.sftp_chroot_base / self.sftp_user
+
+    @property
     def cdr_dir(self) -> Path:
-        """The directory the SFTP server serves to the `cdr_data` user."""
-        return self.state_dir / "sftp" / "cdr_data"
+        """The CDR drop folder on this machine (`CDR_DROP` inside the chroot), writable by the
+        SFTP login; the generators write here and the loader reads it over SFTP."""
+        return self.sftp_root / CDR_DROP.lstrip("/")
 
 
 def local_stack() -> StackSettings:
@@ -103,11 +138,16 @@ class Connections(BaseSettings):
     redis_url: str = Field(default_factory=lambda: local_stack().redis_url, alias="REDIS_URL")
     stream_url: str = Field(default_factory=lambda: local_stack().stream_url, alias="STREAM_URL")
     sftp_url: str = Field(default_factory=lambda: local_stack().sftp_url, alias="SFTP_URL")
+    sftp_key_file: Path | None = Field(
+        default=None,
+        alias="SFTP_KEY_FILE",
+        description="private key to log in to the SFTP server with (instead of the URL's password)",
+    )
     cdr_dir: str = Field(
         default=".",
         alias="CDR_DIR",
-        description="directory on the SFTP server holding CDR files, relative to the login's "
-        "start directory",
+        description="directory on the SFTP server holding CDR files: absolute inside the login's "
+        "chroot, or relative to its start directory (the local stack's drop folder, `/cdr`)",
     )
 
 

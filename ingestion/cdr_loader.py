@@ -159,7 +159,9 @@ class CdrLoader:
 
     def _sftp(self) -> CdrSftp:
         if self._local.sftp is None:
-            self._local.sftp = CdrSftp(self.s.sftp_url, self.s.cdr_dir, self.s.known_hosts)
+            self._local.sftp = CdrSftp(
+                self.s.sftp_url, self.s.cdr_dir, self.s.known_hosts, self.s.sftp_key_file
+            )
             with self._lock:
                 self._all_resources.append(self._local.sftp)
         return self._local.sftp

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from api.auth import hash_password
 from common.logs import setup_logging
-from common.settings import PROJECT_ROOT, StackSettings
+from common.settings import CDR_DROP, PROJECT_ROOT, StackSettings
 from ops.dbt import DBT_BIN, DBT_DIR, connection_env
 from ops.stack import Stack, StackError, port_open, wait_until
 
@@ -67,7 +67,7 @@ def demo_env(s: StackSettings) -> dict[str, str]:
         "REDIS_URL": s.redis_url,
         "STREAM_URL": s.stream_url,
         "SFTP_URL": s.sftp_url,
-        "CDR_DIR": ".",
+        "CDR_DIR": CDR_DROP,
         "API_URL": f"http://{s.host}:{s.api_port}",
         "API_USER": api_user,
         "API_PASSWORD": api_password,

@@ -103,7 +103,7 @@ def cdr_dir(stack, analytics) -> Iterator[tuple[str, Path]]:
     name = f"t_{uuid.uuid4().hex[:8]}"
     path = stack.cdr_dir / name
     path.mkdir()
-    shutil.chown(path, "cdr_data")
+    shutil.chown(path, stack.settings.sftp_user)
     yield name, path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -117,7 +117,7 @@ def test_servers_answer_on_loopback(stack):
     assert redis.Redis.from_url(stack.redis_url).ping()
     transport = paramiko.Transport(("127.0.0.1", stack.settings.sftp_port))
     try:
-        transport.connect(username="cdr_data", password=stack.settings.sftp_password)
+        transport.connect(username=stack.settings.sftp_user, password=stack.settings.sftp_password)
         sftp = paramiko.SFTPClient.from_transport(transport)
         with sftp.open("probe.txt", "w") as remote:
             remote.write("x")
@@ -128,7 +128,7 @@ def test_servers_answer_on_loopback(stack):
     with pytest.raises(paramiko.AuthenticationException):
         bad = paramiko.Transport(("127.0.0.1", stack.settings.sftp_port))
         try:
-            bad.connect(username="cdr_data", password="wrong")
+            bad.connect(username=stack.settings.sftp_user, password="wrong")
         finally:
             bad.close()
 
