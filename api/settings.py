@@ -50,6 +50,8 @@ class ApiSettings(Connections):
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
+    REDIS_ROLE = "api"
+
     retention_days: int = Field(default=35, ge=1, alias="HVS_RETENTION_DAYS")
     api_users: str = Field(
         default=DEV_API_USERS,

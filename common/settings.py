@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import quote
 
 from pydantic import Field, model_validator
@@ -22,6 +23,11 @@ CONTRACTS_DIR = PROJECT_ROOT / "contracts"
 # Development defaults for the local stack only (documented in the README).
 DEV_PG_PASSWORD = "postgres"
 DEV_SFTP_PASSWORD = "password"
+DEV_REDIS_PASSWORDS = {
+    role: f"dev-redis-{role}"
+    for role in ("admin", "hvs", "api", "cdr_loader", "tick_sink", "sources")
+}
+"""The local stack's Redis users (ops/stack/redis_acl.py says what each may do)."""
 
 SFTP_CHROOT_BASE = Path("/var/lib/wtc-analytics")
 """Where the SFTP chroots live: OpenSSH wants every component of a chroot's path owned by root
@@ -52,6 +58,15 @@ class StackSettings(BaseSettings):
         default="postgres", description="unprivileged OS user that runs Postgres when run as root"
     )
     redis_port: int = 16379
+    redis_os_user: str = Field(
+        default="wtcredis", description="unprivileged OS user that runs Redis when run as root"
+    )
+    redis_admin_password: str = DEV_REDIS_PASSWORDS["admin"]
+    redis_hvs_password: str = DEV_REDIS_PASSWORDS["hvs"]
+    redis_api_password: str = DEV_REDIS_PASSWORDS["api"]
+    redis_cdr_loader_password: str = DEV_REDIS_PASSWORDS["cdr_loader"]
+    redis_tick_sink_password: str = DEV_REDIS_PASSWORDS["tick_sink"]
+    redis_sources_password: str = DEV_REDIS_PASSWORDS["sources"]
     sftp_port: int = 10022
     sftp_user: str = Field(
         default="",
@@ -87,14 +102,24 @@ class StackSettings(BaseSettings):
     def prod_dsn(self) -> str:
         return self.pg_dsn("wtc_prod")
 
+    def redis_password(self, role: str) -> str:
+        return getattr(self, f"redis_{role}_password")
+
+    def redis_url_for(self, role: str, db: int = 0) -> str:
+        """Redis database `db` as the ACL user `role` (db 0 the HVS, db 1 the stream)."""
+        password = quote(self.redis_password(role), safe="")
+        return f"redis://{role}:{password}@{self.host}:{self.redis_port}/{db}"
+
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.host}:{self.redis_port}/0"
+        """The HVS database as the stack's admin user (bootstrap, tests)."""
+        return self.redis_url_for("admin", 0)
 
     @property
     def stream_url(self) -> str:
-        """The embedded stream backend: Redis Streams in database 1 of the local Redis."""
-        return f"redis://{self.host}:{self.redis_port}/1"
+        """The embedded stream backend: Redis Streams in database 1 of the local Redis, as the
+        stack's admin user."""
+        return self.redis_url_for("admin", 1)
 
     @property
     def sftp_url(self) -> str:
@@ -131,12 +156,20 @@ class Connections(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
+    REDIS_ROLE: ClassVar[str] = "admin"
+    """The local stack's Redis user whose URLs are this process's defaults (a subclass names
+    its own; see ops/stack/redis_acl.py)."""
+
     analytics_dsn: str = Field(
         default_factory=lambda: local_stack().analytics_dsn, alias="WTC_ANALYTICS_DSN"
     )
     prod_dsn: str = Field(default_factory=lambda: local_stack().prod_dsn, alias="WTC_PROD_DSN")
-    redis_url: str = Field(default_factory=lambda: local_stack().redis_url, alias="REDIS_URL")
-    stream_url: str = Field(default_factory=lambda: local_stack().stream_url, alias="STREAM_URL")
+    redis_url: str = Field(
+        default="", alias="REDIS_URL", description="the HVS (db 0); default: the local stack's"
+    )
+    stream_url: str = Field(
+        default="", alias="STREAM_URL", description="the stream; default: the local stack's db 1"
+    )
     sftp_url: str = Field(default_factory=lambda: local_stack().sftp_url, alias="SFTP_URL")
     sftp_key_file: Path | None = Field(
         default=None,
@@ -149,6 +182,17 @@ class Connections(BaseSettings):
         description="directory on the SFTP server holding CDR files: absolute inside the login's "
         "chroot, or relative to its start directory (the local stack's drop folder, `/cdr`)",
     )
+
+    @model_validator(mode="after")
+    def _local_redis_defaults(self) -> Connections:
+        stack = None
+        if not self.redis_url:
+            stack = local_stack()
+            self.redis_url = stack.redis_url_for(self.REDIS_ROLE, 0)
+        if not self.stream_url:
+            stack = stack or local_stack()
+            self.stream_url = stack.redis_url_for(self.REDIS_ROLE, 1)
+        return self
 
 
 class ServiceSettings(Connections):

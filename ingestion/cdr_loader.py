@@ -51,6 +51,8 @@ class LoaderSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="CDR_", extra="ignore", populate_by_name=True)
 
+    REDIS_ROLE = "cdr_loader"
+
     poll_interval: float = Field(default=5.0, gt=0, description="seconds between polls (follow)")
     settle_seconds: float = Field(
         default=1.0, ge=0, description="a file's size must be unchanged this long to be taken"

@@ -59,6 +59,8 @@ class TickSinkSettings(ServiceSettings):
         env_prefix="TICK_SINK_", extra="ignore", populate_by_name=True
     )
 
+    REDIS_ROLE = "tick_sink"
+
     topic: str = "tick-data"
     group: str = "wtc-tick-sink"
     consumer_name: str = Field(

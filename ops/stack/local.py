@@ -36,6 +36,7 @@ from ops.stack.process import (
     terminate,
     wait_until,
 )
+from ops.stack.redis_acl import ROLES, acl_file
 
 log = logging.getLogger("ops.stack")
 
@@ -134,14 +135,18 @@ class Stack:
         for directory in (self.run_dir, self.pg_dir, self.redis_dir, self.sftp_dir):
             directory.mkdir(parents=True, exist_ok=True)
         if is_root():
-            self._ensure_user(self.s.pg_os_user, home=Path("/nonexistent"))
-            user = pwd.getpwnam(self.s.pg_os_user)
-            for directory in (self.pg_dir, self.redis_dir):
+            for os_user, directory in (
+                (self.s.pg_os_user, self.pg_dir),
+                (self.s.redis_os_user, self.redis_dir),
+            ):
+                self._ensure_user(os_user, home=Path("/nonexistent"))
+                user = pwd.getpwnam(os_user)
                 os.chown(directory, user.pw_uid, user.pw_gid)
             reap_stale_sftp_users(self.s.sftp_chroot_base)
             self._setup_sftp_user()
         else:
             self.s.cdr_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_dir.chmod(0o700)
 
     def _setup_sftp_user(self) -> None:
         """The stack's SFTP login: an OS user of its own, chrooted to a root-owned drop root
@@ -192,10 +197,13 @@ class Stack:
                 check=True,
             )
 
-    def _as_service_user(self, argv: list[str]) -> list[str]:
+    def _as_service_user(self, argv: list[str], os_user: str | None = None) -> list[str]:
+        """`argv` run as the service user `os_user` (Postgres' by default) when we are root,
+        with umask 077: what it creates is its own alone."""
+        private = ["sh", "-c", 'umask 077 && exec "$@"', "sh", *argv]
         if is_root():
-            return ["runuser", "-u", self.s.pg_os_user, "--", *argv]
-        return argv
+            return ["runuser", "-u", os_user or self.s.pg_os_user, "--", *private]
+        return private
 
     # -- Postgres ------------------------------------------------------------------------------
 
@@ -332,10 +340,18 @@ class Stack:
             return
         self._check_port_free(self.s.redis_port, "redis")
         log.info("starting redis", extra={"port": self.s.redis_port})
+        acl = self.redis_dir / "users.acl"
+        acl.write_text(acl_file({role: self.s.redis_password(role) for role in ROLES}))
+        acl.chmod(0o600)
+        if is_root():
+            user = pwd.getpwnam(self.s.redis_os_user)
+            os.chown(acl, user.pw_uid, user.pw_gid)
         subprocess.run(
             self._as_service_user(
                 [
                     "redis-server",
+                    "--aclfile",
+                    str(acl),
                     "--bind",
                     self.s.host,
                     "--port",
@@ -356,7 +372,8 @@ class Stack:
                     "",
                     "--protected-mode",
                     "yes",
-                ]
+                ],
+                self.s.redis_os_user,
             ),
             check=True,
         )
