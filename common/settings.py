@@ -8,9 +8,10 @@ stack only; set the environment variables for anything else.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,13 +22,50 @@ CONTRACTS_DIR = PROJECT_ROOT / "contracts"
 (`wtc_prod.sql`), applied by the local stack and by the compose init alike."""
 
 # Development defaults for the local stack only (documented in the README).
-DEV_PG_PASSWORD = "postgres"
-DEV_SFTP_PASSWORD = "password"
+# Refused when WTC_ENV=production (refuse_dev_secret below).
+DEV_PG_PASSWORD = "postgres"  # noqa: S105
+DEV_SFTP_PASSWORD = "password"  # noqa: S105
 DEV_REDIS_PASSWORDS = {
     role: f"dev-redis-{role}"
     for role in ("admin", "hvs", "api", "cdr_loader", "tick_sink", "sources")
 }
 """The local stack's Redis users (ops/stack/redis_acl.py says what each may do)."""
+DEV_PG_ROLE_PASSWORDS = {role: f"dev-pg-{role}" for role in ("loader", "cdc", "dbt", "analyst")}
+"""The local stack's Postgres roles (ops/stack/pg_roles.py says what each may do)."""
+
+
+def production() -> bool:
+    """`WTC_ENV=production`: no development default password is accepted anywhere."""
+    return os.environ.get("WTC_ENV", "development").strip().lower() == "production"
+
+
+def dev_passwords() -> set[str]:
+    return {
+        DEV_PG_PASSWORD,
+        DEV_SFTP_PASSWORD,
+        *DEV_REDIS_PASSWORDS.values(),
+        *DEV_PG_ROLE_PASSWORDS.values(),
+    }
+
+
+class DefaultSecretError(ValueError):
+    """A development default password in production; the message names the variable."""
+
+
+def refuse_dev_secret(variable: str, value: str, *, url: bool = False) -> None:
+    """Raise (in production only) if `value`, or the password of the URL `value`, is a
+    development default or missing."""
+    if not production():
+        return
+    secret = unquote(urlsplit(value).password or "") if url else value
+    if url and urlsplit(value).scheme == "sftp" and not secret:
+        return  # a key login (SFTP_KEY_FILE) carries no password
+    if not secret or secret in dev_passwords():
+        raise DefaultSecretError(
+            f"WTC_ENV=production and {variable} has no password of its own "
+            "(unset or a development default): set it"
+        )
+
 
 SFTP_CHROOT_BASE = Path("/var/lib/wtc-analytics")
 """Where the SFTP chroots live: OpenSSH wants every component of a chroot's path owned by root
@@ -53,6 +91,10 @@ class StackSettings(BaseSettings):
     pg_port: int = 15432
     pg_user: str = "postgres"
     pg_password: str = DEV_PG_PASSWORD
+    pg_loader_password: str = DEV_PG_ROLE_PASSWORDS["loader"]
+    pg_cdc_password: str = DEV_PG_ROLE_PASSWORDS["cdc"]
+    pg_dbt_password: str = DEV_PG_ROLE_PASSWORDS["dbt"]
+    pg_analyst_password: str = DEV_PG_ROLE_PASSWORDS["analyst"]
     pg_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
     pg_os_user: str = Field(
         default="postgres", description="unprivileged OS user that runs Postgres when run as root"
@@ -86,11 +128,18 @@ class StackSettings(BaseSettings):
     def _derive_sftp_user(self) -> StackSettings:
         if not self.sftp_user:
             self.sftp_user = default_sftp_user(self.state_dir)
+        for name in type(self).model_fields:
+            if name.endswith("_password"):
+                refuse_dev_secret(f"WTC_{name.upper()}", getattr(self, name))
         return self
 
-    def pg_dsn(self, database: str) -> str:
+    def pg_dsn(self, database: str, role: str | None = None) -> str:
+        """`database` as the superuser, or as the job's role `role` (`loader`, `cdc`, `dbt`,
+        `analyst`: the login `wtc_<role>`)."""
+        user = self.pg_user if role is None else f"wtc_{role}"
+        password = self.pg_password if role is None else getattr(self, f"pg_{role}_password")
         return (
-            f"postgresql://{quote(self.pg_user)}:{quote(self.pg_password, safe='')}"
+            f"postgresql://{quote(user)}:{quote(password, safe='')}"
             f"@{self.host}:{self.pg_port}/{database}"
         )
 
@@ -146,6 +195,12 @@ def local_stack() -> StackSettings:
     return StackSettings()
 
 
+def _local(attribute: str) -> str:
+    """A connection of the local stack, the default of a process's connection; none in
+    production (where every connection is set, and checked, in the environment)."""
+    return "" if production() else getattr(local_stack(), attribute)
+
+
 class Connections(BaseSettings):
     """How a process reaches the warehouse, the CRM, Redis, the stream and the SFTP server.
 
@@ -156,21 +211,30 @@ class Connections(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
+    SECRET_FIELDS: ClassVar[tuple[str, ...]] = (
+        "analytics_dsn",
+        "prod_dsn",
+        "redis_url",
+        "stream_url",
+        "sftp_url",
+    )
+    """The connections this process uses: in production each must carry a password of its own
+    (a subclass that uses fewer names only those)."""
     REDIS_ROLE: ClassVar[str] = "admin"
     """The local stack's Redis user whose URLs are this process's defaults (a subclass names
     its own; see ops/stack/redis_acl.py)."""
 
     analytics_dsn: str = Field(
-        default_factory=lambda: local_stack().analytics_dsn, alias="WTC_ANALYTICS_DSN"
+        default_factory=lambda: _local("analytics_dsn"), alias="WTC_ANALYTICS_DSN"
     )
-    prod_dsn: str = Field(default_factory=lambda: local_stack().prod_dsn, alias="WTC_PROD_DSN")
+    prod_dsn: str = Field(default_factory=lambda: _local("prod_dsn"), alias="WTC_PROD_DSN")
     redis_url: str = Field(
         default="", alias="REDIS_URL", description="the HVS (db 0); default: the local stack's"
     )
     stream_url: str = Field(
         default="", alias="STREAM_URL", description="the stream; default: the local stack's db 1"
     )
-    sftp_url: str = Field(default_factory=lambda: local_stack().sftp_url, alias="SFTP_URL")
+    sftp_url: str = Field(default_factory=lambda: _local("sftp_url"), alias="SFTP_URL")
     sftp_key_file: Path | None = Field(
         default=None,
         alias="SFTP_KEY_FILE",
@@ -185,6 +249,11 @@ class Connections(BaseSettings):
 
     @model_validator(mode="after")
     def _local_redis_defaults(self) -> Connections:
+        if production():
+            for name in self.SECRET_FIELDS:
+                alias = type(self).model_fields[name].alias or name.upper()
+                refuse_dev_secret(alias, getattr(self, name) or "", url=True)
+            return self
         stack = None
         if not self.redis_url:
             stack = local_stack()

@@ -52,6 +52,7 @@ class LoaderSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CDR_", extra="ignore", populate_by_name=True)
 
     REDIS_ROLE = "cdr_loader"
+    SECRET_FIELDS = ("analytics_dsn", "sftp_url", "stream_url")
 
     poll_interval: float = Field(default=5.0, gt=0, description="seconds between polls (follow)")
     settle_seconds: float = Field(
@@ -482,7 +483,7 @@ class CdrLoader:
     # -- run modes -----------------------------------------------------------------------------
 
     def _backoff(self, attempt: int) -> float:
-        return min(self.s.backoff_max, 0.5 * 2 ** min(attempt, 10)) * random.uniform(0.8, 1.2)
+        return min(self.s.backoff_max, 0.5 * 2 ** min(attempt, 10)) * random.uniform(0.8, 1.2)  # noqa: S311 (jitter)
 
     def run_once(self) -> bool:
         """Land every complete file, then return. False if failures persisted (see settings)."""

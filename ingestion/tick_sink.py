@@ -60,6 +60,7 @@ class TickSinkSettings(ServiceSettings):
     )
 
     REDIS_ROLE = "tick_sink"
+    SECRET_FIELDS = ("analytics_dsn", "stream_url")
 
     topic: str = "tick-data"
     group: str = "wtc-tick-sink"

@@ -26,6 +26,8 @@ from pathlib import Path
 import psycopg
 
 from common.settings import CDR_DROP, CONTRACTS_DIR, PROJECT_ROOT, StackSettings
+from ingestion.crm_cdc import CdcSettings
+from ops.stack import pg_roles
 from ops.stack.process import (
     StackError,
     alive,
@@ -314,19 +316,28 @@ class Stack:
         wait_until(lambda: not alive(pid), "postgres to exit")
 
     def bootstrap(self) -> None:
-        """Create the databases and apply the CRM source tables and the raw-layer contract."""
+        """Create the databases, the job roles, apply the CRM source tables and the raw-layer
+        contract, and grant each role its rights (ops/stack/pg_roles.py)."""
         with psycopg.connect(self.s.pg_dsn("postgres"), autocommit=True) as conn:
             existing = {r[0] for r in conn.execute("select datname from pg_database")}
             for database in ("wtc_prod", "wtc_analytics"):
                 if database not in existing:
                     log.info("creating database", extra={"database": database})
                     conn.execute(f'create database "{database}"')
+            pg_roles.ensure_roles(
+                conn, {role: getattr(self.s, f"pg_{role}_password") for role in pg_roles.ROLES}
+            )
         for database, script in (
             ("wtc_prod", "wtc_prod.sql"),
             ("wtc_analytics", "wtc_analytics.sql"),
         ):
             with psycopg.connect(self.s.pg_dsn(database)) as conn:
                 conn.execute((CONTRACTS_DIR / script).read_text())
+        cdc = CdcSettings()
+        with psycopg.connect(self.s.pg_dsn("wtc_prod")) as conn:
+            pg_roles.grant_prod(conn, cdc.publication, list(cdc.tables))
+        with psycopg.connect(self.s.pg_dsn("wtc_analytics")) as conn:
+            pg_roles.grant_analytics(conn, self.s.pg_user)
 
     # -- Redis ---------------------------------------------------------------------------------
 
