@@ -11,7 +11,7 @@ import sys
 import psycopg
 
 from common.logs import JsonFormatter, ReadableFormatter, setup_logging
-from common.settings import Connections, StackSettings
+from common.settings import Connections, StackSettings, default_sftp_user
 from ops.demo import demo_env, write_env_file
 
 
@@ -21,7 +21,8 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("WTC_STATE_DIR", str(tmp_path))
     s = StackSettings()
     assert s.pg_port == 6543
-    assert s.cdr_dir == tmp_path / "sftp" / "cdr_data"
+    assert s.sftp_user == default_sftp_user(tmp_path)  # one login per state folder
+    assert s.cdr_dir == s.sftp_chroot_base / s.sftp_user / "cdr"
     info = psycopg.conninfo.conninfo_to_dict(s.analytics_dsn)
     assert info == {
         "user": "postgres",
