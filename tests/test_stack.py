@@ -3,6 +3,7 @@ creates exactly the contract's tables, and the servers bind to loopback only."""
 
 from __future__ import annotations
 
+import pwd
 import shutil
 import tempfile
 from pathlib import Path
@@ -173,4 +174,8 @@ def test_start_and_stop_are_idempotent_and_leave_nothing_behind():
         assert not alive(pid), pid
     for port in (settings.pg_port, settings.redis_port, settings.sftp_port):
         assert not port_open("127.0.0.1", port)
+    stack.remove_sftp_user()  # the machine keeps no login of a stack that is gone
+    with pytest.raises(KeyError):
+        pwd.getpwnam(settings.sftp_user)
+    assert not settings.sftp_root.exists()
     shutil.rmtree(state_dir)
