@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from common.settings import Connections
+from common.settings import Connections, production
 
 # Development default only: user `wtc`, password `wtc-dev` (pbkdf2-sha256, see api/auth.py).
 DEV_API_USERS = (
@@ -18,6 +18,9 @@ class ApiSettings(Connections):
 
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
 
+    REDIS_ROLE = "api"
+    SECRET_FIELDS = ("redis_url",)
+
     retention_days: int = Field(default=35, ge=1, alias="HVS_RETENTION_DAYS")
     api_users: str = Field(
         default=DEV_API_USERS,
@@ -26,3 +29,11 @@ class ApiSettings(Connections):
     )
     realm: str = Field(default="wtc-usage", alias="API_REALM")
     redis_max_connections: int = Field(default=64, alias="API_REDIS_MAX_CONNECTIONS")
+
+    @model_validator(mode="after")
+    def _no_dev_users_in_production(self) -> ApiSettings:
+        if production() and self.api_users == DEV_API_USERS:
+            raise ValueError(
+                "WTC_ENV=production and API_USERS is the development default (user wtc): set it"
+            )
+        return self

@@ -69,4 +69,4 @@ def wait_to_retry(stop: threading.Event, seconds: float, what: str, exc: BaseExc
 def backoff(attempt: int, first: float = 0.5, longest: float = 30.0) -> float:
     """Seconds to wait before retry number `attempt` (1, 2, ...): doubling from `first`, at most
     `longest`, with +-20 % jitter so that processes that failed together do not retry together."""
-    return min(longest, first * 2.0 ** min(max(attempt - 1, 0), 16)) * random.uniform(0.8, 1.2)
+    return min(longest, first * 2.0 ** min(max(attempt - 1, 0), 16)) * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not a secret)

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from common.logs import setup_logging
 from common.service import serve_metrics, stop_on_signals
+from common.settings import redacted
 from hvs.runner import run, tune_gc
 from hvs.settings import HvsSettings
 
@@ -88,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by `_supervise`
     log.info(
         "hvs consumer starting",
-        extra={"stream": settings.stream_url, "group": settings.group, "drain": args.drain},
+        extra={
+            "stream": redacted(settings.stream_url),
+            "group": settings.group,
+            "drain": args.drain,
+        },
     )
     t0 = time.monotonic()
     total = run(settings, stop, drain=args.drain)

@@ -15,6 +15,9 @@ class HvsSettings(ServiceSettings, TickRules):
 
     model_config = SettingsConfigDict(env_prefix="HVS_", extra="ignore", populate_by_name=True)
 
+    REDIS_ROLE = "hvs"
+    SECRET_FIELDS = ("redis_url", "stream_url")
+
     retention_days: int = Field(
         default=35, ge=1, description="keys expire this long after their last write"
     )

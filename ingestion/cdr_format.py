@@ -107,7 +107,8 @@ VOICE = Kind(
 
 KINDS = {k.name: k for k in (DATA, VOICE)}
 MAX_COLUMNS = max(len(k.columns) for k in KINDS.values())
-assert all(k.columns[-1].name == k.event_time for k in KINDS.values())  # see event_times_written
+# an import-time check of the constants above (see event_times_written)
+assert all(k.columns[-1].name == k.event_time for k in KINDS.values())  # noqa: S101
 
 
 def kind_of(file_name: str) -> Kind | None:

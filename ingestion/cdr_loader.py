@@ -56,6 +56,9 @@ class LoaderSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="CDR_", extra="ignore", populate_by_name=True)
 
+    REDIS_ROLE = "cdr_loader"
+    SECRET_FIELDS = ("analytics_dsn", "sftp_url", "stream_url")
+
     poll_interval: float = Field(default=5.0, gt=0, description="seconds between polls (follow)")
     settle_seconds: float = Field(
         default=1.0, ge=0, description="a file's size must be unchanged this long to be taken"
@@ -166,7 +169,9 @@ class CdrLoader:
 
     def _sftp(self) -> CdrSftp:
         if self._local.sftp is None:
-            self._local.sftp = CdrSftp(self.s.sftp_url, self.s.cdr_dir, self.s.known_hosts)
+            self._local.sftp = CdrSftp(
+                self.s.sftp_url, self.s.cdr_dir, self.s.known_hosts, self.s.sftp_key_file
+            )
             with self._lock:
                 self._all_resources.append(self._local.sftp)
         return self._local.sftp

@@ -1,5 +1,7 @@
 """The SFTP side of the CDR loader: connect from an `sftp://` URL, list a directory, read files.
 
+The login is by the URL's password, or by a private key (`SFTP_KEY_FILE`) when one is given.
+
 paramiko's default flow-control window makes reads of many small files crawl (about 6 MB/s on
 loopback); a large window, and read requests as large as the server serves, read them at
 several times that.
@@ -74,7 +76,13 @@ def skip_reason(name: str, mode: int | None) -> str | None:
 class CdrSftp:
     """One SFTP session on the CDR directory. Not thread-safe: one per thread."""
 
-    def __init__(self, url: str, directory: str = ".", known_hosts: Path | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        directory: str = ".",
+        known_hosts: Path | None = None,
+        key_file: Path | None = None,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "sftp" or not parts.hostname:
             raise SftpError(f"not an sftp:// URL: {url!r}")
@@ -90,9 +98,11 @@ class CdrSftp:
         try:
             self._transport.start_client(timeout=TIMEOUT)
             self._check_host_key(known_hosts)
-            self._transport.auth_password(
-                unquote(parts.username or ""), unquote(parts.password or "")
-            )
+            user = unquote(parts.username or "")
+            if key_file is not None:
+                self._transport.auth_publickey(user, paramiko.PKey.from_path(key_file))
+            else:
+                self._transport.auth_password(user, unquote(parts.password or ""))
             self._transport.set_keepalive(15)
             sftp = paramiko.SFTPClient.from_transport(self._transport)
             if sftp is None:  # pragma: no cover - paramiko returns None only on a closed channel

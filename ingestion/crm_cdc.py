@@ -67,6 +67,8 @@ class CdcSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="CRM_CDC_", extra="ignore", populate_by_name=True)
 
+    SECRET_FIELDS = ("analytics_dsn", "prod_dsn")
+
     slot: str = Field(default="wtc_crm_cdc", description="logical replication slot in wtc_prod")
     publication: str = Field(default="wtc_crm_cdc", description="publication in wtc_prod")
     source_schema: str = "crm_system"

@@ -52,6 +52,9 @@ class TickSinkSettings(ServiceSettings, TickRules):
         env_prefix="TICK_SINK_", extra="ignore", populate_by_name=True
     )
 
+    REDIS_ROLE = "tick_sink"
+    SECRET_FIELDS = ("analytics_dsn", "stream_url")
+
     topic: str = "tick-data"
     group: str = "wtc-tick-sink"
     consumer_name: str = Field(

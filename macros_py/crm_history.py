@@ -104,7 +104,7 @@ def versions(changes: Sequence[Change], clock: CrmClock) -> list[Version]:
         for i, c in enumerate(log):
             if c.op == "d":
                 continue
-            assert c.modified_ts is not None  # _check
+            assert c.modified_ts is not None  # noqa: S101 type narrowing: _check rejects None
             valid_to = None
             if i + 1 < len(log):
                 nxt = log[i + 1]

@@ -104,7 +104,7 @@ class EmaState:
             return EmaState(n, k, EXACT.add(self.seed_sum, open_), None)
         if k == n:
             return EmaState(n, k, Decimal(0), div10(EXACT.add(self.seed_sum, open_), n))
-        assert self.value is not None
+        assert self.value is not None  # noqa: S101 type narrowing: set once k reaches n
         num = EXACT.add(EXACT.multiply(2, open_), EXACT.multiply(n - 1, self.value))
         return EmaState(n, k, Decimal(0), div10(num, n + 1))
 
@@ -129,7 +129,7 @@ class AtrState:
             return AtrState(n, open_, j, EXACT.add(self.tr_sum, tr), None)
         if j == n:
             return AtrState(n, open_, j, Decimal(0), div10(EXACT.add(self.tr_sum, tr), n))
-        assert self.value is not None
+        assert self.value is not None  # noqa: S101 type narrowing: set once j reaches n
         num = EXACT.add(EXACT.multiply(self.value, n - 1), tr)
         return AtrState(n, open_, j, Decimal(0), div10(num, n))
 

@@ -13,14 +13,19 @@ DBT_DIR = PROJECT_ROOT / "dbt"
 DBT_BIN = Path(sys.executable).parent / "dbt"
 
 
-def connection_env(settings: StackSettings, database: str = "wtc_analytics") -> dict[str, str]:
-    """The variables of `dbt/profiles.yml` for `settings`' Postgres."""
+def connection_env(
+    settings: StackSettings, database: str = "wtc_analytics", role: str | None = None
+) -> dict[str, str]:
+    """The variables of `dbt/profiles.yml` for `settings`' Postgres, as the superuser or as the
+    job role `role` (the demo runs dbt as `dbt`, ops/stack/pg_roles.py)."""
     return {
         "DBT_PROFILES_DIR": str(DBT_DIR),
         "WTC_PG_HOST": settings.host,
         "WTC_PG_PORT": str(settings.pg_port),
-        "WTC_PG_USER": settings.pg_user,
-        "WTC_PG_PASSWORD": settings.pg_password,
+        "WTC_PG_USER": settings.pg_user if role is None else f"wtc_{role}",
+        "WTC_PG_PASSWORD": settings.pg_password
+        if role is None
+        else getattr(settings, f"pg_{role}_password"),
         "WTC_PG_DBNAME": database,
     }
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from api.auth import hash_password
 from common.logs import setup_logging
-from common.settings import PROJECT_ROOT, StackSettings
+from common.settings import CDR_DROP, PROJECT_ROOT, StackSettings
 from ops.dbt import DBT_BIN, DBT_DIR, connection_env
 from ops.progress import landing_display
 from ops.stack import Stack, StackError, port_open, wait_until
@@ -39,7 +39,7 @@ log = logging.getLogger("ops.demo")
 
 PY = sys.executable
 DEV_API_USER = "wtc"
-DEV_API_PASSWORD = "wtc-dev"  # development default for the local demo only (see README)
+DEV_API_PASSWORD = "wtc-dev"  # noqa: S105 development default for the local demo only (see README)
 
 
 @dataclass(frozen=True)
@@ -59,29 +59,68 @@ SCALES = {
 
 
 def demo_env(s: StackSettings) -> dict[str, str]:
-    """The variables `.wtc/demo.env` exports (documented in the README)."""
+    """The variables `.wtc/demo.env` exports for a person at the terminal (documented in the
+    README): the warehouse as the read-only analyst, Redis as the API's read-only user."""
     api_user = os.environ.get("API_USER", DEV_API_USER)
     api_password = os.environ.get("API_PASSWORD", DEV_API_PASSWORD)
     return {
-        "WTC_ANALYTICS_DSN": s.analytics_dsn,
-        "WTC_PROD_DSN": s.prod_dsn,
-        "REDIS_URL": s.redis_url,
-        "STREAM_URL": s.stream_url,
-        "SFTP_URL": s.sftp_url,
-        "CDR_DIR": ".",
+        "WTC_ANALYTICS_DSN": s.pg_dsn("wtc_analytics", "analyst"),
+        "REDIS_URL": s.redis_url_for("api", 0),
+        "CDR_DIR": CDR_DROP,
         "API_URL": f"http://{s.host}:{s.api_port}",
         "API_USER": api_user,
         "API_PASSWORD": api_password,
         "DBT_DOCS_URL": f"http://{s.host}:{s.docs_port}",
-        **connection_env(s),
     }
 
 
-def write_env_file(path: Path, env: dict[str, str]) -> None:
-    lines = ["# Written by `make demo`: `source .wtc/demo.env` to use the local stack."]
+# Each process's own Postgres role and Redis user (ops/stack/pg_roles.py, redis_acl.py).
+PROCESS_ROLES = {
+    # process: (Postgres role, Redis user)
+    "cdr_loader": ("loader", "cdr_loader"),
+    "tick_sink": ("loader", "tick_sink"),
+    "crm_cdc": ("cdc", None),
+    "hvs": (None, "hvs"),
+    "api": (None, "api"),
+    "generators": (None, "sources"),  # dev tooling: writes the CRM source as its owner
+    "dbt": ("dbt", None),
+}
+
+
+def process_env(s: StackSettings, process: str) -> dict[str, str]:
+    """The connections of one process, each as that process's own role and user only."""
+    pg_role, redis_user = PROCESS_ROLES[process]
+    env = {"SFTP_URL": s.sftp_url, "CDR_DIR": CDR_DROP} if process == "cdr_loader" else {}
+    if process == "generators":
+        env.update(WTC_PROD_DSN=s.prod_dsn, SFTP_URL=s.sftp_url)
+    elif pg_role is not None:
+        env["WTC_ANALYTICS_DSN"] = s.pg_dsn("wtc_analytics", pg_role)
+        env["WTC_PROD_DSN"] = s.pg_dsn("wtc_prod", pg_role)
+    if redis_user is not None:
+        env["REDIS_URL"] = s.redis_url_for(redis_user, 0)
+        env["STREAM_URL"] = s.redis_url_for(redis_user, 1)
+    if process == "dbt":
+        env.update(connection_env(s, role="dbt"))
+    return env
+
+
+def write_env_file(path: Path, env: dict[str, str], what: str = "") -> None:
+    """Write `env` as shell exports, readable by its owner only from the first byte on."""
+    lines = [f"# Written by `make demo`: `source {path.name}` {what or 'to use the local stack'}."]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def write_process_env_files(stack: Stack) -> Path:
+    """`.wtc/env/<process>.env`: each process's own connections (its role, its user)."""
+    folder = stack.state / "env"
+    for process in PROCESS_ROLES:
+        write_env_file(folder / f"{process}.env", process_env(stack.s, process), f"as {process}")
+    return folder
 
 
 def run(
@@ -103,7 +142,8 @@ def run(
     log.info("done: %s", step, extra={"seconds": round(time.monotonic() - started, 1)})
 
 
-def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
+def generate(scale: Scale, stack: Stack) -> None:
+    s = stack.s
     common = ["--profile", scale.profile, "--seed", "42", "--subscribers", str(scale.subscribers)]
     run(
         "generate CDR files into the SFTP directory",
@@ -118,11 +158,11 @@ def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
             "--out",
             str(stack.s.cdr_dir),
         ],
-        env,
+        {},
     )
     # The change capture starts first (slot and snapshot), so the CRM transactions that follow
     # land as real inserts, updates and deletes rather than as one snapshot.
-    run("start CRM change capture", [PY, "-m", "ingestion.crm_cdc", "--once"], env)
+    run("start CRM change capture", CRM_CDC_ONCE, process_env(s, "crm_cdc"))
     run(
         "generate CRM transactions in wtc_prod",
         [
@@ -133,10 +173,8 @@ def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
             *common,
             "--transactions",
             str(scale.crm_transactions),
-            "--dsn",
-            stack.s.prod_dsn,
         ],
-        env,
+        process_env(s, "generators"),
     )
     run(
         "publish forex ticks to tick-data",
@@ -149,23 +187,24 @@ def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
             "42",
             "--hours",
             str(scale.hours),
-            "--stream-url",
-            stack.s.stream_url,
         ],
-        env,
+        process_env(s, "generators"),
     )
 
 
-def land_once(env: dict[str, str], stack: Stack) -> None:
+CRM_CDC_ONCE = [PY, "-m", "ingestion.crm_cdc", "--once"]
+
+
+def land_once(stack: Stack) -> None:
     steps = {
-        "land CDR files (and publish them)": "ingestion.cdr_loader",
-        "land forex ticks": "ingestion.tick_sink",
-        "capture CRM changes": "ingestion.crm_cdc",
+        "land CDR files (and publish them)": ("ingestion.cdr_loader", "cdr_loader"),
+        "land forex ticks": ("ingestion.tick_sink", "tick_sink"),
+        "capture CRM changes": ("ingestion.crm_cdc", "crm_cdc"),
     }
     with landing_display(stack.s) as display:  # rows, rate and ETA of each landing in a terminal
-        for step, module in steps.items():
+        for step, (module, process) in steps.items():
             output = stack.run_dir / f"{module}.once.log" if display.enabled else None
-            run(step, [PY, "-m", module, "--once"], env, output=output)
+            run(step, [PY, "-m", module, "--once"], process_env(stack.s, process), output=output)
 
 
 def start_live(stack: Stack, env: dict[str, str]) -> None:
@@ -186,16 +225,17 @@ def start_live(stack: Stack, env: dict[str, str]) -> None:
             "--no-access-log",
         ],
     }
-    service_env = {**env, "WTC_LOG_FORMAT": "json"}
+    common = {"WTC_LOG_FORMAT": "json"}
     if "API_USERS" not in os.environ and env["API_PASSWORD"] != DEV_API_PASSWORD:
         # A login of your own: the API accepts exactly the one that demo.env names.
-        service_env["API_USERS"] = f"{env['API_USER']}:{hash_password(env['API_PASSWORD'])}"
+        common["API_USERS"] = f"{env['API_USER']}:{hash_password(env['API_PASSWORD'])}"
     for name, argv in services.items():
-        stack.start_process(name, argv, service_env)
+        stack.start_process(name, argv, {**common, **process_env(stack.s, name)})
     wait_until(lambda: port_open(stack.s.host, stack.s.api_port), "the usage API", timeout=60)
 
 
-def build_warehouse(stack: Stack, env: dict[str, str]) -> None:
+def build_warehouse(stack: Stack) -> None:
+    env = process_env(stack.s, "dbt")
     try:
         run("dbt build (prepared layers and their tests)", [str(DBT_BIN), "build"], env, DBT_DIR)
     finally:
@@ -207,10 +247,11 @@ def build_warehouse(stack: Stack, env: dict[str, str]) -> None:
             [str(DBT_BIN), "source", "freshness"], cwd=DBT_DIR, env={**os.environ, **env}
         )
         stack.monitoring.push_dbt("freshness", env)
-    serve_docs(stack, env)
+    serve_docs(stack)
 
 
-def serve_docs(stack: Stack, env: dict[str, str]) -> None:
+def serve_docs(stack: Stack) -> None:
+    env = process_env(stack.s, "dbt")
     run("dbt docs generate", [str(DBT_BIN), "docs", "generate"], env, cwd=DBT_DIR)
     stack.start_process(
         "dbt_docs",
@@ -234,7 +275,8 @@ def wait_for_healthy_api(api_url: str, timeout: float = 60.0) -> None:
 
     def healthy() -> bool:
         try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            # the demo's own API on loopback, http
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:  # noqa: S310
                 return response.status == 200
         except OSError:
             return False
@@ -242,27 +284,28 @@ def wait_for_healthy_api(api_url: str, timeout: float = 60.0) -> None:
     wait_until(healthy, "the usage API to report healthy", timeout=timeout, interval=0.5)
 
 
-def summary(env: dict[str, str], env_file: Path, stack: Stack | None = None) -> str:
-    user, password = env["API_USER"], env["API_PASSWORD"]
+def summary(env: dict[str, str], env_file: Path, env_dir: Path, stack: Stack | None = None) -> str:
+    """What the demo started and how to use it. It names the variables that hold passwords and
+    the files that hold them; it prints none of them."""
     api = env["API_URL"]
     return "\n".join(
         [
             "",
-            f"The demo is up. Connection variables: source {env_file}",
+            f"The demo is up. Connection variables: source {env_file} (owner-only, mode 0600)",
             "",
             f"  usage API   {api}/data_usage?msisdn=...&start_time=YYYYmmddHHMMSS&end_time=...",
-            f"              basic auth {user} / {password} (development default)",
+            f"              basic auth as {env['API_USER']}, password in $API_PASSWORD "
+            f"({env_file})",
             f"              OpenAPI docs at {api}/docs",
             f"  dbt docs    {env['DBT_DOCS_URL']}",
-            f'  warehouse   psql "{env["WTC_ANALYTICS_DSN"]}"',
-            f'  CRM source  psql "{env["WTC_PROD_DSN"]}"',
-            f"  SFTP        {env['SFTP_URL']}",
+            '  warehouse   psql "$WTC_ANALYTICS_DSN"   (read-only analyst role)',
+            f"  processes   each one's own role and user: {env_dir}/<process>.env",
             *monitoring_lines(stack),
             "",
             f"  try:  source {env_file}",
-            "        msisdn=$(psql -Atc 'select msisdn from cdr_data.data_records limit 1' "
+            "        msisdn=$(psql -Atc 'select msisdn from prepared_layers.cdr_usage_1h limit 1' "
             '"$WTC_ANALYTICS_DSN")',
-            f"        curl -s -u {shlex.quote(f'{user}:{password}')} "
+            '        curl -s -u "$API_USER:$API_PASSWORD" '
             '"$API_URL/data_usage?msisdn=$msisdn&start_time=20240101000000&end_time=20240103000000"',
             "",
             "`make stop` stops everything.",
@@ -294,23 +337,24 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         env_file = stack.state / "demo.env"
         write_env_file(env_file, env)
+        env_dir = write_process_env_files(stack)
         if args.docs_only:
-            serve_docs(stack, env)
+            serve_docs(stack)
             print(f"dbt docs: {env['DBT_DOCS_URL']}")
             return 0
         started = time.monotonic()
         scale = SCALES[args.scale]
-        generate(scale, stack, env)
-        land_once(env, stack)
+        generate(scale, stack)
+        land_once(stack)
         start_live(stack, env)
-        build_warehouse(stack, env)
+        build_warehouse(stack)
         wait_for_healthy_api(env["API_URL"])
         log.info("demo ready", extra={"seconds": round(time.monotonic() - started, 1)})
     except (StackError, subprocess.CalledProcessError) as exc:
         log.error("%s", exc)
         log.error("see the logs under %s; `make stop` stops what started", stack.run_dir)
         return 1
-    print(summary(env, env_file, stack))
+    print(summary(env, env_file, env_dir, stack))
     return 0
 
 

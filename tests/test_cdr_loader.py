@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+import redis
 
 from common.settings import PROJECT_ROOT
 from ingestion.cdr_format import (
@@ -105,7 +106,7 @@ def cdr_dir(stack, analytics) -> Iterator[tuple[str, Path]]:
     name = f"t_{uuid.uuid4().hex[:8]}"
     path = stack.cdr_dir / name
     path.mkdir()
-    shutil.chown(path, "cdr_data")
+    shutil.chown(path, stack.settings.sftp_user)
     yield name, path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -946,3 +947,27 @@ def test_the_loader_benchmark_runs_and_reports_its_ratios() -> None:
     assert "4 files, 200 rows" in out
     assert "loader / ceiling" in out and "loader / row-by-row" in out
     assert "concurrent psql sessions" in out and "loader / 2 psql sessions" in out
+
+
+def test_the_loader_lands_and_publishes_as_its_own_postgres_role_and_redis_user(
+    stack, cdr_dir, redis_client
+) -> None:
+    """Least privilege suffices: the loader's role (raw schemas) and Redis user (XADD to the
+    CDR streams) land and publish every file."""
+    directory, _ = cdr_dir
+    run = config(datetime(2031, 2, 1), pairs=2, rows=40)
+    files = list(cdr_files(run))
+    upload_cdr_files(run, stack.sftp_url, directory)
+    own = settings_for(
+        stack,
+        directory,
+        analytics_dsn=stack.settings.pg_dsn("wtc_analytics", "loader"),
+        stream_url=stack.settings.redis_url_for("cdr_loader", 1),
+        publish=True,
+    )
+    with CdrLoader(own, progress=False) as loader:
+        assert loader.run_once()
+    assert landed_counts(stack) == {name: 40 for name, _ in files}
+    streams = redis.Redis.from_url(stack.stream_url)
+    published = sum(streams.xlen(f"stream:{t}") for t in (CDR_DATA_TOPIC, CDR_VOICE_TOPIC))
+    assert published == 40 * len(files)

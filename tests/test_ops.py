@@ -11,8 +11,8 @@ import sys
 import psycopg
 
 from common.logs import JsonFormatter, ReadableFormatter, setup_logging
-from common.settings import Connections, StackSettings
-from ops.demo import demo_env, write_env_file
+from common.settings import Connections, StackSettings, default_sftp_user
+from ops.demo import demo_env, process_env, write_env_file
 
 
 def test_settings_come_from_the_environment(monkeypatch, tmp_path):
@@ -21,7 +21,8 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("WTC_STATE_DIR", str(tmp_path))
     s = StackSettings()
     assert s.pg_port == 6543
-    assert s.cdr_dir == tmp_path / "sftp" / "cdr_data"
+    assert s.sftp_user == default_sftp_user(tmp_path)  # one login per state folder
+    assert s.cdr_dir == s.sftp_chroot_base / s.sftp_user / "cdr"
     info = psycopg.conninfo.conninfo_to_dict(s.analytics_dsn)
     assert info == {
         "user": "postgres",
@@ -77,13 +78,13 @@ def test_readable_log_lines():
 
 
 def test_demo_env_file_exports_every_documented_variable(tmp_path):
-    env = demo_env(StackSettings(state_dir=tmp_path, sftp_password="it's", pg_password="p'$`x\\"))
+    settings = StackSettings(
+        state_dir=tmp_path, sftp_password="it's", pg_analyst_password="p'$`x\\"
+    )
+    env = demo_env(settings)
     documented = {
-        "WTC_PG_PASSWORD",
         "WTC_ANALYTICS_DSN",
-        "WTC_PROD_DSN",
         "REDIS_URL",
-        "SFTP_URL",
         "CDR_DIR",
         "API_URL",
         "API_USER",
@@ -96,3 +97,9 @@ def test_demo_env_file_exports_every_documented_variable(tmp_path):
     script = f"source {path} && " + " && ".join(f'echo "${k}"' for k in sorted(documented))
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == [env[k] for k in sorted(documented)]
+    # each process's own file, quoted the same way (the SFTP password has a quote)
+    loader = process_env(settings, "cdr_loader")
+    write_env_file(tmp_path / "cdr_loader.env", loader)
+    script = f'source {tmp_path / "cdr_loader.env"} && echo "$SFTP_URL"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == loader["SFTP_URL"] == settings.sftp_url

@@ -3,6 +3,7 @@ creates exactly the contract's tables, and the servers bind to loopback only."""
 
 from __future__ import annotations
 
+import pwd
 import shutil
 import tempfile
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_servers_answer_on_loopback(stack):
     assert redis.Redis.from_url(stack.redis_url).ping()
     transport = paramiko.Transport(("127.0.0.1", stack.settings.sftp_port))
     try:
-        transport.connect(username="cdr_data", password=stack.settings.sftp_password)
+        transport.connect(username=stack.settings.sftp_user, password=stack.settings.sftp_password)
         sftp = paramiko.SFTPClient.from_transport(transport)
         with sftp.open("probe.txt", "w") as remote:
             remote.write("x")
@@ -130,7 +131,7 @@ def test_servers_answer_on_loopback(stack):
     with pytest.raises(paramiko.AuthenticationException):
         bad = paramiko.Transport(("127.0.0.1", stack.settings.sftp_port))
         try:
-            bad.connect(username="cdr_data", password="wrong")
+            bad.connect(username=stack.settings.sftp_user, password="wrong")
         finally:
             bad.close()
 
@@ -175,4 +176,8 @@ def test_start_and_stop_are_idempotent_and_leave_nothing_behind():
         assert not alive(pid), pid
     for port in (settings.pg_port, settings.redis_port, settings.sftp_port):
         assert not port_open("127.0.0.1", port)
+    stack.remove_sftp_user()  # the machine keeps no login of a stack that is gone
+    with pytest.raises(KeyError):
+        pwd.getpwnam(settings.sftp_user)
+    assert not settings.sftp_root.exists()
     shutil.rmtree(state_dir)

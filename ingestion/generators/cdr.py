@@ -390,7 +390,8 @@ def upload_cdr_files(
             username=unquote(parts.username or ""), password=unquote(parts.password or "")
         )
         sftp = paramiko.SFTPClient.from_transport(transport)
-        assert sftp is not None
+        if sftp is None:  # paramiko returns None only on a closed channel
+            raise ConnectionError("the SFTP subsystem could not be opened")
         try:
             sftp.stat(remote_dir)
         except FileNotFoundError:

@@ -6,7 +6,8 @@
 
 Everything lives under the state folder (`.wtc/` by default). Starting and stopping are
 idempotent. When run as root, Postgres and Redis run as an unprivileged service user and the
-SFTP server logs in the system user `cdr_data` by password (OpenSSH's `internal-sftp`).
+SFTP server (OpenSSH's `internal-sftp`) logs in the stack's own OS user (by password or key),
+chrooted to a root-owned drop root under /var/lib/wtc-analytics/ that holds the drop folder.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import psycopg
 
-from common.settings import CONTRACTS_DIR, PROJECT_ROOT, StackSettings
+from common.settings import CDR_DROP, CONTRACTS_DIR, PROJECT_ROOT, StackSettings
+from ingestion.crm_cdc import CdcSettings
+from ops.stack import pg_roles
 from ops.stack.monitoring import Monitoring
 from ops.stack.process import (
     Component,
@@ -36,11 +39,60 @@ from ops.stack.process import (
     terminate,
     wait_until,
 )
+from ops.stack.redis_acl import ROLES, acl_file
 
 log = logging.getLogger("ops.stack")
 
 SSHD = Path("/usr/sbin/sshd")
 DEBIAN_PACKAGES = {"redis-server": "redis-server", str(SSHD): "openssh-server"}
+
+
+SFTP_USER_MARK = "wtc-analytics sftp drop of "
+"""The start of the comment (GECOS) of an SFTP login made by a stack, followed by the stack's
+state folder: a login whose folder is gone belongs to a stack that is gone, and is reaped."""
+
+
+def authorized_keys_file(base: Path, user: str) -> Path:
+    """The public keys that may log in as `user`: root-owned, beside its chroot (not inside)."""
+    return base / f"{user}.authorized_keys"
+
+
+def _check_chroot_path(root: Path) -> None:
+    """OpenSSH refuses a chroot unless every component of its path is root-owned and writable
+    by no one else: say so before it does (its own message only reaches its log)."""
+    for part in [root, *root.parents]:
+        st = part.stat()
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise StackError(
+                f"{part} must be owned by root and writable by no one else to hold the SFTP "
+                "chroot; set WTC_SFTP_CHROOT_BASE to such a folder"
+            )
+
+
+def remove_sftp_user(user: str, base: Path) -> None:
+    """Delete the SFTP login `user` made by a stack, with its chroot under `base` and its keys."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        entry = None
+    if entry is not None:
+        if not entry.pw_gecos.startswith(SFTP_USER_MARK):
+            raise StackError(f"refusing to delete {user}: not an SFTP login made by a stack")
+        log.info("deleting sftp login", extra={"user": user})
+        subprocess.run(["userdel", user], check=True)
+    root = base / user
+    if root.parent == base and root.is_dir():
+        shutil.rmtree(root)
+    authorized_keys_file(base, user).unlink(missing_ok=True)
+
+
+def reap_stale_sftp_users(base: Path) -> None:
+    """Delete the SFTP logins (and chroots) of stacks whose state folder no longer exists, so
+    that machines which run many throwaway stacks (CI, the tests) do not collect users."""
+    for entry in pwd.getpwall():
+        state = entry.pw_gecos.removeprefix(SFTP_USER_MARK)
+        if entry.pw_gecos.startswith(SFTP_USER_MARK) and state and not Path(state).exists():
+            remove_sftp_user(entry.pw_name, base)
 
 
 class Stack:
@@ -80,26 +132,49 @@ class Stack:
         for directory in (self.run_dir, self.pg_dir, self.redis_dir, self.sftp_dir):
             directory.mkdir(parents=True, exist_ok=True)
         if is_root():
-            self._ensure_user(self.s.pg_os_user, home=Path("/nonexistent"))
-            user = pwd.getpwnam(self.s.pg_os_user)
-            for directory in (self.pg_dir, self.redis_dir):
+            for os_user, directory in (
+                (self.s.pg_os_user, self.pg_dir),
+                (self.s.redis_os_user, self.redis_dir),
+            ):
+                self._ensure_user(os_user, home=Path("/nonexistent"))
+                user = pwd.getpwnam(os_user)
                 os.chown(directory, user.pw_uid, user.pw_gid)
-            self._ensure_user(self.s.sftp_user, home=self.s.cdr_dir)
-            subprocess.run(
-                ["chpasswd"],
-                input=f"{self.s.sftp_user}:{self.s.sftp_password}\n",
-                text=True,
-                check=True,
-            )
-            self.s.cdr_dir.mkdir(parents=True, exist_ok=True)
-            sftp_user = pwd.getpwnam(self.s.sftp_user)
-            os.chown(self.s.cdr_dir, sftp_user.pw_uid, sftp_user.pw_gid)
-            self.s.cdr_dir.chmod(0o775)
+            reap_stale_sftp_users(self.s.sftp_chroot_base)
+            self._setup_sftp_user()
         else:
             self.s.cdr_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_dir.chmod(0o700)
+
+    def _setup_sftp_user(self) -> None:
+        """The stack's SFTP login: an OS user of its own, chrooted to a root-owned drop root
+        that holds the drop folder it may write, logging in by password and by key."""
+        s = self.s
+        base, root = s.sftp_chroot_base, s.sftp_root
+        base.mkdir(mode=0o755, parents=True, exist_ok=True)
+        root.mkdir(mode=0o755, exist_ok=True)
+        os.chown(root, 0, 0)
+        root.chmod(0o755)
+        _check_chroot_path(root)
+        comment = f"{SFTP_USER_MARK}{self.state}" if ":" not in str(self.state) else SFTP_USER_MARK
+        self._ensure_user(s.sftp_user, home=root, comment=comment)
+        subprocess.run(
+            ["chpasswd"], input=f"{s.sftp_user}:{s.sftp_password}\n", text=True, check=True
+        )
+        login = pwd.getpwnam(s.sftp_user)
+        s.cdr_dir.mkdir(exist_ok=True)
+        os.chown(s.cdr_dir, login.pw_uid, login.pw_gid)
+        s.cdr_dir.chmod(0o755)
+        keys = authorized_keys_file(base, s.sftp_user)
+        keys.write_text(s.sftp_authorized_keys.strip() + "\n" if s.sftp_authorized_keys else "")
+        os.chown(keys, 0, 0)
+        keys.chmod(0o644)
+
+    def remove_sftp_user(self) -> None:
+        """Delete the stack's SFTP login, its chroot and its keys (stop the server first)."""
+        remove_sftp_user(self.s.sftp_user, self.s.sftp_chroot_base)
 
     @staticmethod
-    def _ensure_user(name: str, home: Path) -> None:
+    def _ensure_user(name: str, home: Path, comment: str = "") -> None:
         try:
             pwd.getpwnam(name)
         except KeyError:
@@ -113,15 +188,19 @@ class Stack:
                     str(home),
                     "--shell",
                     "/usr/sbin/nologin",
+                    *(["--comment", comment] if comment else []),
                     name,
                 ],
                 check=True,
             )
 
-    def _as_service_user(self, argv: list[str]) -> list[str]:
+    def _as_service_user(self, argv: list[str], os_user: str | None = None) -> list[str]:
+        """`argv` run as the service user `os_user` (Postgres' by default) when we are root,
+        with umask 077: what it creates is its own alone."""
+        private = ["sh", "-c", 'umask 077 && exec "$@"', "sh", *argv]
         if is_root():
-            return ["runuser", "-u", self.s.pg_os_user, "--", *argv]
-        return argv
+            return ["runuser", "-u", os_user or self.s.pg_os_user, "--", *private]
+        return private
 
     # -- Postgres ------------------------------------------------------------------------------
 
@@ -232,19 +311,28 @@ class Stack:
         wait_until(lambda: not alive(pid), "postgres to exit")
 
     def bootstrap(self) -> None:
-        """Create the databases and apply the CRM source tables and the raw-layer contract."""
+        """Create the databases, the job roles, apply the CRM source tables and the raw-layer
+        contract, and grant each role its rights (ops/stack/pg_roles.py)."""
         with psycopg.connect(self.s.pg_dsn("postgres"), autocommit=True) as conn:
             existing = {r[0] for r in conn.execute("select datname from pg_database")}
             for database in ("wtc_prod", "wtc_analytics"):
                 if database not in existing:
                     log.info("creating database", extra={"database": database})
                     conn.execute(f'create database "{database}"')
+            pg_roles.ensure_roles(
+                conn, {role: getattr(self.s, f"pg_{role}_password") for role in pg_roles.ROLES}
+            )
         for database, script in (
             ("wtc_prod", "wtc_prod.sql"),
             ("wtc_analytics", "wtc_analytics.sql"),
         ):
             with psycopg.connect(self.s.pg_dsn(database)) as conn:
                 conn.execute((CONTRACTS_DIR / script).read_text())
+        cdc = CdcSettings()
+        with psycopg.connect(self.s.pg_dsn("wtc_prod")) as conn:
+            pg_roles.grant_prod(conn, cdc.publication, list(cdc.tables))
+        with psycopg.connect(self.s.pg_dsn("wtc_analytics")) as conn:
+            pg_roles.grant_analytics(conn, self.s.pg_user)
 
     # -- Redis ---------------------------------------------------------------------------------
 
@@ -258,10 +346,18 @@ class Stack:
             return
         self._check_port_free(self.s.redis_port, "redis")
         log.info("starting redis", extra={"port": self.s.redis_port})
+        acl = self.redis_dir / "users.acl"
+        acl.write_text(acl_file({role: self.s.redis_password(role) for role in ROLES}))
+        acl.chmod(0o600)
+        if is_root():
+            user = pwd.getpwnam(self.s.redis_os_user)
+            os.chown(acl, user.pw_uid, user.pw_gid)
         subprocess.run(
             self._as_service_user(
                 [
                     "redis-server",
+                    "--aclfile",
+                    str(acl),
                     "--bind",
                     self.s.host,
                     "--port",
@@ -282,7 +378,8 @@ class Stack:
                     "",
                     "--protected-mode",
                     "yes",
-                ]
+                ],
+                self.s.redis_os_user,
             ),
             check=True,
         )
@@ -306,8 +403,10 @@ class Stack:
                 "the SFTP server (OpenSSH) logs users in by password and must be started as root"
             )
         self._check_port_free(self.s.sftp_port, "sftp")
-        if any(ch.isspace() for ch in str(self.s.cdr_dir)):
-            raise StackError(f"the SFTP directory path must not contain spaces: {self.s.cdr_dir}")
+        root = self.s.sftp_root
+        keys = authorized_keys_file(self.s.sftp_chroot_base, self.s.sftp_user)
+        if any(ch.isspace() or ch == "%" for ch in f"{root}{keys}"):
+            raise StackError(f"the SFTP chroot path must not contain spaces or '%': {root}")
         host_key = self.sftp_dir / "ssh_host_ed25519_key"
         if not host_key.exists():
             subprocess.run(
@@ -323,17 +422,27 @@ class Stack:
                     f"PidFile {self.sshd_pidfile}",
                     "PasswordAuthentication yes",
                     "KbdInteractiveAuthentication no",
-                    "PubkeyAuthentication no",
+                    "PubkeyAuthentication yes",
+                    f"AuthorizedKeysFile {keys}",
                     "UsePAM no",
                     "PermitRootLogin no",
                     f"AllowUsers {self.s.sftp_user}",
+                    "StrictModes yes",
+                    # nothing but SFTP: no forwarding of any kind, no terminal, no rc files
+                    "DisableForwarding yes",
                     "AllowTcpForwarding no",
+                    "AllowAgentForwarding no",
+                    "AllowStreamLocalForwarding no",
                     "X11Forwarding no",
+                    "PermitTunnel no",
+                    "GatewayPorts no",
                     "PermitTTY no",
-                    "StrictModes no",
+                    "PermitUserRC no",
+                    "PermitUserEnvironment no",
                     "MaxStartups 50:30:100",
                     "Subsystem sftp internal-sftp",
-                    f"ForceCommand internal-sftp -d {self.s.cdr_dir}",
+                    f"ChrootDirectory {root}",
+                    f"ForceCommand internal-sftp -d {CDR_DROP}",
                     "",
                 ]
             )
@@ -463,8 +572,11 @@ def throwaway(prefix: str = "wtc-") -> Iterator[Stack]:
     (the tests' and the benchmarks' servers)."""
     state_dir = Path(tempfile.mkdtemp(prefix=prefix))
     state_dir.chmod(0o755)  # mkdtemp's folders are private; the service users must traverse it
+    settings = scratch_settings(state_dir)
     try:
-        with running(scratch_settings(state_dir)) as stack:
+        with running(settings) as stack:
             yield stack
     finally:
+        if is_root():
+            remove_sftp_user(settings.sftp_user, settings.sftp_chroot_base)
         shutil.rmtree(state_dir, ignore_errors=True)

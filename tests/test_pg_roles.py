@@ -1,0 +1,123 @@
+"""Postgres roles through the real server: each job's role does its job and nothing beyond it,
+and the server takes only SCRAM passwords on loopback."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg import errors
+
+
+def connect(stack, role: str, database: str = "wtc_analytics") -> psycopg.Connection:
+    return psycopg.connect(stack.settings.pg_dsn(database, role), autocommit=True)
+
+
+@pytest.fixture(scope="module")
+def prepared_table(stack):
+    """A table in prepared_layers, made by dbt's role as a dbt run makes them."""
+    with connect(stack, "dbt") as conn:
+        conn.execute("create table if not exists prepared_layers.t_roles (id int primary key)")
+        conn.execute("insert into prepared_layers.t_roles values (1) on conflict do nothing")
+    yield "prepared_layers.t_roles"
+    with connect(stack, "dbt") as conn:
+        conn.execute("drop table prepared_layers.t_roles")
+
+
+DENIED = (errors.InsufficientPrivilege, errors.UndefinedTable)
+
+
+def test_the_loaders_role_writes_raw_and_cannot_touch_a_prepared_table(
+    stack, analytics, prepared_table
+) -> None:
+    with connect(stack, "loader") as conn:
+        conn.execute(
+            "insert into cdr_data.rejected_rows (source_file, line_no, reason, raw_line) "
+            "values ('f.csv', 1, 'probe', 'x')"
+        )
+        conn.execute("delete from cdr_data.rejected_rows where source_file = 'f.csv'")
+        conn.execute("create temp table stage (x int)")  # its staging tables
+        for statement in (
+            f"drop table {prepared_table}",
+            f"alter table {prepared_table} add column y int",
+            f"truncate {prepared_table}",
+            f"insert into {prepared_table} values (2)",
+            f"select * from {prepared_table}",
+            "create table prepared_layers.planted (x int)",
+            "create table cdr_data.planted (x int)",
+            "drop table cdr_data.data_records",
+            "alter table cdr_data.data_records add column y int",
+            "insert into crm_data.accounts_changes (account_id) values (1)",
+            "create schema planted",
+        ):
+            with pytest.raises(DENIED):
+                conn.execute(statement)
+    with pytest.raises(psycopg.OperationalError):
+        connect(stack, "loader", "wtc_prod")
+
+
+def test_the_analysts_role_reads_the_marts_and_writes_nothing(stack, prepared_table) -> None:
+    with connect(stack, "analyst") as conn:
+        assert conn.execute(f"select id from {prepared_table}").fetchall() == [(1,)]
+        for statement in (
+            f"insert into {prepared_table} values (2)",
+            f"update {prepared_table} set id = 3",
+            f"delete from {prepared_table}",
+            f"truncate {prepared_table}",
+            f"drop table {prepared_table}",
+            "create table prepared_layers.planted (x int)",
+            "select * from cdr_data.data_records",
+            "insert into cdr_data.files (file_name) values ('x')",
+            "create schema planted",
+        ):
+            with pytest.raises(DENIED):
+                conn.execute(statement)
+
+
+def test_dbts_role_reads_raw_and_owns_its_schemas(stack) -> None:
+    with connect(stack, "dbt") as conn:
+        conn.execute("select count(*) from cdr_data.data_records").fetchone()
+        conn.execute("select count(*) from crm_data.accounts_changes").fetchone()
+        owners = dict(
+            conn.execute(
+                "select nspname, nspowner::regrole::text from pg_namespace "
+                "where nspname in ('staging', 'intermediate', 'prepared_layers')"
+            ).fetchall()
+        )
+        assert owners == dict.fromkeys(("staging", "intermediate", "prepared_layers"), "wtc_dbt")
+        with pytest.raises(DENIED):
+            conn.execute("delete from cdr_data.files")
+
+
+def test_the_cdc_role_reads_the_source_and_writes_only_its_change_log(stack) -> None:
+    with connect(stack, "cdc", "wtc_prod") as conn:
+        conn.execute("select count(*) from crm_system.accounts").fetchone()
+        with pytest.raises(DENIED):
+            conn.execute("delete from crm_system.accounts")
+    with connect(stack, "cdc") as conn:
+        assert conn.execute(
+            "select rolreplication from pg_roles where rolname = current_user"
+        ).fetchone() == (True,)
+        conn.execute("select count(*) from crm_data.accounts_changes").fetchone()
+        with pytest.raises(DENIED):
+            conn.execute("select count(*) from cdr_data.files")
+
+
+def test_only_scram_passwords_on_loopback(stack) -> None:
+    with psycopg.connect(stack.analytics_dsn) as conn:
+        rules = conn.execute(
+            "select type, address, auth_method from pg_hba_file_rules where error is null"
+        ).fetchall()
+        listen = conn.execute("show listen_addresses").fetchone()
+        encryption = conn.execute("show password_encryption").fetchone()
+        stored = conn.execute(
+            "select rolname, rolpassword like 'SCRAM-SHA-256$%' from pg_authid "
+            "where rolname like 'wtc\\_%'"
+        ).fetchall()
+    assert listen == ("127.0.0.1",) and encryption == ("scram-sha-256",)
+    for kind, address, method in rules:
+        if kind == "local":
+            assert method == "peer"
+        else:
+            assert method == "scram-sha-256", (kind, address, method)
+            assert address in ("127.0.0.1", "::1"), address
+    assert sorted(stored) == [(f"wtc_{r}", True) for r in ("analyst", "cdc", "dbt", "loader")]

@@ -1,0 +1,137 @@
+"""Redis through the real server: the default user is off, each process's user may do its job
+and nothing more, and Redis' files are its service user's alone."""
+
+from __future__ import annotations
+
+import pwd
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+import redis
+
+from hvs.keys import FX_KEY, usage_key
+from ingestion.stream import stream_key
+from ops.stack.process import is_root
+
+
+def client(stack, role: str, db: int = 0) -> redis.Redis:
+    return redis.Redis.from_url(stack.settings.redis_url_for(role, db))
+
+
+def test_a_client_that_does_not_log_in_gets_noauth(stack) -> None:
+    with socket.create_connection((stack.settings.host, stack.settings.redis_port), 5) as sock:
+        sock.sendall(b"GET anything\r\nKEYS *\r\n")
+        replies = b""
+        while replies.count(b"\r\n") < 2:
+            replies += sock.recv(4096)
+    assert [r.split()[0] for r in replies.splitlines()] == [b"-NOAUTH", b"-NOAUTH"]
+    anonymous = redis.Redis(host=stack.settings.host, port=stack.settings.redis_port, protocol=2)
+    with pytest.raises(redis.AuthenticationError):  # redis-py's name for NOAUTH
+        anonymous.get("anything")
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(
+            f"redis://default:x@{stack.settings.host}:{stack.settings.redis_port}/0"
+        ).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(
+            f"redis://api:wrong@{stack.settings.host}:{stack.settings.redis_port}/0"
+        ).ping()
+
+
+def test_the_api_user_reads_usage_and_cannot_write_or_look_around(stack, redis_client) -> None:
+    key = usage_key("27831234567", "20240101")
+    redis_client.hset(key, "data:video:ev", 3)
+    redis_client.hset(FX_KEY, "2024010100:USDZAR:n", 1)
+    api = client(stack, "api")
+    assert api.ping()
+    assert api.hgetall(key) == {b"data:video:ev": b"3"}
+    denied = [
+        lambda: api.hset(key, "data:video:ev", 99),
+        lambda: api.hincrby(key, "data:video:ev", 1),
+        lambda: api.delete(key),
+        lambda: api.expire(key, 1),
+        lambda: api.set("hvs:other", 1),
+        lambda: api.hgetall(FX_KEY),  # not a usage key
+        lambda: api.keys("*"),
+        lambda: api.scan(0),
+        lambda: api.flushdb(),
+        lambda: api.config_get("*"),
+        lambda: api.xadd(stream_key("cdr-data"), {"v": "x"}),
+        lambda: api.eval("return redis.call('hset', KEYS[1], 'f', 1)", 1, key),
+    ]
+    for attempt in denied:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+    assert redis_client.hgetall(key) == {b"data:video:ev": b"3"}
+
+
+def test_each_process_user_may_do_its_job_and_no_more(stack, redis_client) -> None:
+    cdr, ticks = stream_key("cdr-data"), stream_key("tick-data")
+    loader = client(stack, "cdr_loader", 1)
+    loader.xadd(cdr, {"v": "1"})
+    for attempt in (
+        lambda: loader.xadd(ticks, {"v": "1"}),
+        lambda: loader.xrange(cdr),
+        lambda: loader.delete(cdr),
+        lambda: loader.xtrim(cdr, maxlen=0),
+        lambda: client(stack, "cdr_loader").hset(usage_key("1", "20240101"), "f", 1),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+
+    client(stack, "sources", 1).xadd(ticks, {"v": "1"})
+    sink = client(stack, "tick_sink", 1)
+    sink.xgroup_create(ticks, "g", id="0")
+    entries = sink.xreadgroup("g", "c", {ticks: ">"})
+    assert len(entries[0][1]) == 1
+    assert sink.xack(ticks, "g", entries[0][1][0][0]) == 1
+    for attempt in (
+        lambda: sink.xadd(ticks, {"v": "2"}),
+        lambda: sink.xgroup_create(cdr, "g", id="0"),
+        lambda: sink.xdel(ticks, entries[0][1][0][0]),
+        lambda: client(stack, "tick_sink").hset(FX_KEY, "f", 1),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+
+    hvs = client(stack, "hvs")
+    key = usage_key("27831234567", "20240101")
+    hvs.hincrby(key, "data:video:ev", 1)
+    hvs.expire(key, 60)
+    hvs.setbit("hvs:seen:f.csv", 3, 1)
+    assert hvs.eval("return redis.call('HINCRBY', KEYS[1], 'f', 2)", 1, FX_KEY) == 2
+    hvs_stream = client(stack, "hvs", 1)
+    hvs_stream.xgroup_create(cdr, "hvs", id="0")
+    assert hvs_stream.xreadgroup("hvs", "c", {cdr: ">"})
+    for attempt in (
+        lambda: hvs.set("other", 1),
+        lambda: hvs.eval("return redis.call('SET', KEYS[1], 1)", 1, "other"),
+        lambda: hvs.flushdb(),
+        lambda: hvs.keys("*"),
+        lambda: hvs_stream.xadd(cdr, {"v": "x"}),
+        lambda: hvs.config_set("appendonly", "no"),
+        lambda: hvs.acl_list(),
+    ):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            attempt()
+
+
+@pytest.mark.skipif(not is_root(), reason="service users exist only when the stack runs as root")
+def test_redis_files_are_its_service_users_alone(stack, redis_client) -> None:
+    redis_client.hset(usage_key("1", "20240101"), "f", 1)
+    redis_client.bgrewriteaof()
+    s = stack.settings
+    owner = pwd.getpwnam(s.redis_os_user)
+    assert s.redis_os_user != s.pg_os_user
+    redis_dir = stack.stack.redis_dir
+    paths = [p for p in redis_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".aof" for p in paths), paths
+    assert "appendonlydir" in {p.parent.name for p in paths}
+    for path in [redis_dir, *redis_dir.rglob("*")]:
+        st = path.stat()
+        assert st.st_uid == owner.pw_uid, path
+        assert stat.S_IMODE(st.st_mode) & 0o077 == 0, (path, oct(st.st_mode))
+    pid = (redis_dir / "redis.pid").read_text().strip()
+    assert Path(f"/proc/{pid}").stat().st_uid == owner.pw_uid  # the server runs as that user
