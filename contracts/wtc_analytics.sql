@@ -141,6 +141,10 @@ create table if not exists forex_data.ticks (
     primary key (pair_name, tick_ts)
 );
 create index if not exists ticks_tick_ts_idx on forex_data.ticks (tick_ts);
+-- The incremental forex marts read the ticks landed after their high-water mark
+-- (dbt/macros/landing_marks.sql): without an index on landed_at every run of each of the four
+-- scans the whole table. BRIN, as for the CDR loaded_at: the tick sink appends in landing order.
+create index if not exists ticks_landed_at_brin on forex_data.ticks using brin (landed_at);
 
 create table if not exists forex_data.rejected_messages (
     id bigserial primary key,

@@ -123,15 +123,23 @@ def assert_parity(conn: psycopg.Connection, step: str) -> dict[str, list[tuple]]
 
 
 def runs_watermark(conn: psycopg.Connection) -> datetime:
+    """The runs model's high-water mark (macros/landing_marks.sql): the latest landing it has
+    processed, or just before its last build's horizon if that is earlier."""
     return conn.execute(
-        "select max(max_loaded_at) from intermediate.int_cdr__tower_runs"
+        """
+        select least(
+            (select max(max_loaded_at) from intermediate.int_cdr__tower_runs),
+            (select horizon - interval '1 microsecond' from prepared_layers.dbt_landing_horizons
+             where model = 'intermediate.int_cdr__tower_runs')
+        )
+        """
     ).fetchone()[0]
 
 
 def recomputed_runs(conn: psycopg.Connection, watermark: datetime) -> tuple[int, int, int, int]:
     """Runs recomputed by the last build, the msisdns they belong to, all runs, and the msisdns
-    the last build had to touch: those with a row loaded after `watermark` (the runs' watermark
-    before the build) minus the lookback (15 minutes)."""
+    the last build had to touch: those with a row loaded after `watermark` (the runs' high-water
+    mark before the build)."""
     return conn.execute(
         """
         with last_build as (
@@ -142,7 +150,7 @@ def recomputed_runs(conn: psycopg.Connection, watermark: datetime) -> tuple[int,
             count(distinct msisdn) filter (where computed_at = last_build.at),
             count(*),
             (select count(distinct msisdn) from intermediate.int_cdr__interactions
-             where loaded_at > %s - interval '15 minutes')
+             where loaded_at > %s)
         from intermediate.int_cdr__tower_runs, last_build
         """,
         (watermark,),
@@ -258,8 +266,8 @@ def test_parity_holds_after_each_step(scenario):
 
 
 def test_incremental_runs_recompute_only_the_touched_tails(scenario):
-    """An incremental run recomputes the tails of the msisdns with new rows (the lookback's
-    included), and only those: not the history."""
+    """An incremental run recomputes the tails of the msisdns with rows landed after its
+    high-water mark, and only those: not the history."""
     for step in ("runs_step2", "runs_step3"):
         recomputed, msisdns, total, touched = scenario[step]
         assert msisdns == touched, step

@@ -1,14 +1,21 @@
 {#- Helpers of the incremental marts (see models/marts/cdr/_cdr__docs.md, "incremental"). -#}
 
-{#- The landing time after which raw rows count as new for the model being built: its watermark
-    (the greatest `column` of `relation`, by default the model itself) minus a lookback, the var
-    named `lookback`: `landing_lookback` for the CDR loader's `loaded_at` and the forex ticks'
-    `landed_at`, `crm_lookback` for the CRM change log's `landed_at`. An empty target gives
-    -infinity (everything is new). -#}
+{#- The landing time after which raw rows count as new for the model being built: its high-water
+    mark least(L, H - 1 microsecond) (macros/landing_marks.sql), where L is the greatest `column`
+    of `relation` (by default the model itself: the latest landing it has processed) and H the
+    model's landing horizon. A target without a stored horizon (built before horizons were kept)
+    falls back to L minus the var named `lookback` (`landing_lookback` or `crm_lookback`), the
+    wall-clock window of old. An empty target gives -infinity (everything is new). -#}
 {% macro loaded_after(column='max_loaded_at', relation=none, lookback='landing_lookback') -%}
     (
-        select coalesce(max({{ column }}), '-infinity'::timestamptz)
-            - interval '{{ var(lookback) }}'
+        select least(
+            coalesce(max({{ column }}), '-infinity'::timestamptz),
+            coalesce(
+                {{ landing_horizon() }} - interval '1 microsecond',
+                max({{ column }}) - interval '{{ var(lookback) }}',
+                '-infinity'::timestamptz
+            )
+        )
         from {{ relation if relation is not none else this }}
     )
 {%- endmacro %}
