@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed  ## create the virtual environment with pinned dependencies
 
-setup: venv  ## install missing Debian packages and service users (as root on Debian)
+setup: venv  ## install missing Debian packages and service users (as root on Debian); fetch the pinned Kafka/Connect jars (mvn) into .cache/jvm when a JDK is there
 	$(PY) -m ops.stack setup
 
 start: venv  ## start Postgres, Redis and the SFTP server under .wtc/ and bootstrap them

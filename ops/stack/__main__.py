@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from common.logs import setup_logging
+from ops.stack import jvm
 from ops.stack.local import Stack
 from ops.stack.process import StackError
 
@@ -22,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "command",
-        choices=["setup", "start", "status", "stop", "bootstrap"],
-        help="setup: install missing packages and users; start: setup, start and bootstrap; "
+        choices=["setup", "jvm", "start", "status", "stop", "bootstrap"],
+        help="setup: install missing packages and users, fetch the Kafka path's pinned jars "
+        "when a JDK is there; jvm: fetch those jars; start: setup, start and bootstrap; "
         "status: report; stop: stop the project's processes and the servers; "
         "bootstrap: create the databases and raw tables",
     )
@@ -34,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         match args.command:
             case "setup":
                 stack.setup()
+                if jvm.java_available():
+                    jvm.fetch()
+                else:
+                    log.warning("no java: the Kafka path's JVM parts are not fetched")
+            case "jvm":
+                jvm.fetch()
             case "start":
                 stack.start()
             case "stop":
