@@ -9,7 +9,8 @@ import sys
 
 from common.logs import setup_logging
 from ops.stack import jvm
-from ops.stack.local import Stack
+from ops.stack.kafka import KafkaStack
+from ops.stack.local import Component, Stack
 from ops.stack.process import StackError
 
 log = logging.getLogger("ops.stack")
@@ -29,9 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         "status: report; stop: stop the project's processes and the servers; "
         "bootstrap: create the databases and raw tables",
     )
+    parser.add_argument(
+        "--stream",
+        choices=["redis", "kafka"],
+        default="redis",
+        help="start: also run the Kafka path (3 KRaft brokers and a Connect worker; needs `make "
+        "setup` with a JDK); stop and status always include it when it runs",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     stack = Stack()
+    kafka = KafkaStack(stack.s)
     try:
         match args.command:
             case "setup":
@@ -44,12 +53,21 @@ def main(argv: list[str] | None = None) -> int:
                 jvm.fetch()
             case "start":
                 stack.start()
+                if args.stream == "kafka":
+                    kafka.start()
             case "stop":
+                stack.stop_processes()  # the consumers and loaders before their brokers
+                kafka.stop()
                 stack.stop()
             case "bootstrap":
                 stack.bootstrap()
             case "status":
                 rows = stack.status()
+                if kafka.any_running():
+                    rows += [
+                        Component(*row[:2], row[2] is not None, row[2], row[3])
+                        for row in kafka.status()
+                    ]
                 for c in rows:
                     state = "up" if c.running else "down"
                     port = f":{c.port}" if c.port else ""
