@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SCALE ?= small
+STREAM ?= redis
 export DBT_PROFILES_DIR := $(CURDIR)/dbt
 
 .PHONY: help venv setup start status stop demo test lint format bench docs clean
@@ -31,8 +32,8 @@ status: venv  ## what runs, where
 stop: venv  ## stop everything the demo started, gracefully
 	$(PY) -m ops.stack stop
 
-demo: venv  ## set up, run the whole pipeline, leave the API and docs serving (SCALE=small|starter)
-	$(PY) -m ops.demo --scale $(SCALE)
+demo: venv  ## set up, run the whole pipeline, leave the API and docs serving (SCALE=small|starter, STREAM=redis|kafka)
+	$(PY) -m ops.demo --scale $(SCALE) --stream $(STREAM)
 
 lint: venv  ## ruff, and sqlfluff with the dbt templater (offline: the profile's `lint` target)
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,11 @@ Steps, each a project command run as its own process:
 5. `dbt build` the prepared layers and serve the dbt docs site;
 6. write `.wtc/demo.env` with the connection variables and print how to use them.
 
+`--stream kafka` (`make demo STREAM=kafka`) runs the same pipeline on the Kafka path: three
+KRaft brokers and a Kafka Connect worker (`ops.stack.kafka`, from the jars `make setup` fetched);
+the CDR rows and the ticks travel over Kafka topics, and Debezium's PostgreSQL source with the
+JDBC sinks (`connect/register.py`) capture the CRM in place of the embedded reader.
+
 `make stop` stops everything this started.
 """
 
@@ -33,12 +38,14 @@ from common.logs import setup_logging
 from common.settings import PROJECT_ROOT, StackSettings
 from ops.dbt import DBT_BIN, DBT_DIR, connection_env
 from ops.stack import Stack, StackError, port_open, wait_until
+from ops.stack.kafka import KafkaStack
 
 log = logging.getLogger("ops.demo")
 
 PY = sys.executable
 DEV_API_USER = "wtc"
 DEV_API_PASSWORD = "wtc-dev"  # development default for the local demo only (see README)
+DEBEZIUM_SLOT = "wtc_crm_debezium"  # slot.name in connect/connectors/crm-source.json
 
 
 @dataclass(frozen=True)
@@ -57,15 +64,18 @@ SCALES = {
 }
 
 
-def demo_env(s: StackSettings) -> dict[str, str]:
+def demo_env(s: StackSettings, kafka: KafkaStack | None = None) -> dict[str, str]:
     """The variables `.wtc/demo.env` exports (documented in the README)."""
+    stream = {"STREAM_URL": s.stream_url}
+    if kafka is not None:
+        stream = {"STREAM_URL": kafka.stream_url, "CONNECT_URL": kafka.connect_url}
     api_user = os.environ.get("API_USER", DEV_API_USER)
     api_password = os.environ.get("API_PASSWORD", DEV_API_PASSWORD)
     return {
         "WTC_ANALYTICS_DSN": s.analytics_dsn,
         "WTC_PROD_DSN": s.prod_dsn,
         "REDIS_URL": s.redis_url,
-        "STREAM_URL": s.stream_url,
+        **stream,
         "SFTP_URL": s.sftp_url,
         "CDR_DIR": ".",
         "API_URL": f"http://{s.host}:{s.api_port}",
@@ -92,6 +102,64 @@ def run(step: str, argv: list[str], env: dict[str, str], cwd: Path = PROJECT_ROO
     log.info("done: %s", step, extra={"seconds": round(time.monotonic() - started, 1)})
 
 
+def start_capture(env: dict[str, str]) -> None:
+    """Start the CRM change capture and let it take its snapshot: the embedded reader's first
+    run, or Debezium's source and the JDBC sinks registered with Connect."""
+    if "CONNECT_URL" not in env:
+        run("start CRM change capture", [PY, "-m", "ingestion.crm_cdc", "--once"], env)
+        return
+    run(
+        "register the Debezium source and JDBC sinks",
+        [PY, "connect/register.py", "--wait", "120"],
+        env,
+    )
+    wait_for_slot(env, DEBEZIUM_SLOT)
+    wait_for_capture(env, "Debezium's snapshot to land")
+
+
+def wait_for_slot(env: dict[str, str], slot: str, timeout: float = 120.0) -> None:
+    """Debezium creates its replication slot when its task starts: changes made after that are
+    captured as changes, not folded into the snapshot."""
+    import psycopg
+
+    def exists() -> bool:
+        with psycopg.connect(env["WTC_PROD_DSN"]) as prod:
+            return bool(
+                prod.execute(
+                    "select 1 from pg_replication_slots where slot_name = %s", (slot,)
+                ).fetchone()
+            )
+
+    wait_until(exists, f"the replication slot {slot}", timeout=timeout, interval=0.5)
+
+
+def wait_for_capture(env: dict[str, str], what: str, timeout: float = 300.0) -> None:
+    """Poll until the change log, rebuilt (latest change per key, deletes dropped), holds as many
+    rows per table as the CRM source: the JDBC sinks have caught up."""
+    import psycopg
+
+    tables = {"accounts": "account_id", "addresses": "account_id", "devices": "device_id"}
+
+    def caught_up() -> bool:
+        with (
+            psycopg.connect(env["WTC_PROD_DSN"]) as prod,
+            psycopg.connect(env["WTC_ANALYTICS_DSN"]) as ana,
+        ):
+            for table, key in tables.items():
+                (want,) = prod.execute(f"select count(*) from crm_system.{table}").fetchone()
+                (have,) = ana.execute(
+                    f"select count(*) from (select distinct on ({key}) __op "
+                    f"from crm_data.{table}_changes order by {key}, __op <> 'r' desc, __lsn desc"
+                    ") latest where __op <> 'd'"
+                ).fetchone()
+                if have != want:
+                    return False
+        return True
+
+    log.info("waiting for %s", what)
+    wait_until(caught_up, what, timeout=timeout, interval=1.0)
+
+
 def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
     common = ["--profile", scale.profile, "--seed", "42", "--subscribers", str(scale.subscribers)]
     run(
@@ -111,7 +179,7 @@ def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
     )
     # The change capture starts first (slot and snapshot), so the CRM transactions that follow
     # land as real inserts, updates and deletes rather than as one snapshot.
-    run("start CRM change capture", [PY, "-m", "ingestion.crm_cdc", "--once"], env)
+    start_capture(env)
     run(
         "generate CRM transactions in wtc_prod",
         [
@@ -139,7 +207,7 @@ def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
             "--hours",
             str(scale.hours),
             "--stream-url",
-            stack.s.stream_url,
+            env["STREAM_URL"],
         ],
         env,
     )
@@ -148,7 +216,10 @@ def generate(scale: Scale, stack: Stack, env: dict[str, str]) -> None:
 def land_once(env: dict[str, str]) -> None:
     run("land CDR files (and publish them)", [PY, "-m", "ingestion.cdr_loader", "--once"], env)
     run("land forex ticks", [PY, "-m", "ingestion.tick_sink", "--once"], env)
-    run("capture CRM changes", [PY, "-m", "ingestion.crm_cdc", "--once"], env)
+    if "CONNECT_URL" in env:
+        wait_for_capture(env, "the JDBC sinks to land the CRM changes")
+    else:
+        run("capture CRM changes", [PY, "-m", "ingestion.crm_cdc", "--once"], env)
 
 
 def start_live(stack: Stack, env: dict[str, str]) -> None:
@@ -169,6 +240,8 @@ def start_live(stack: Stack, env: dict[str, str]) -> None:
             "--no-access-log",
         ],
     }
+    if "CONNECT_URL" in env:
+        del services["crm_cdc"]  # Debezium and the JDBC sinks capture the CRM on this path
     service_env = {**env, "WTC_LOG_FORMAT": "json"}
     if "API_USERS" not in os.environ and env["API_PASSWORD"] != DEV_API_PASSWORD:
         # A login of your own: the API accepts exactly the one that demo.env names.
@@ -230,6 +303,12 @@ def summary(env: dict[str, str], env_file: Path) -> str:
             f'  warehouse   psql "{env["WTC_ANALYTICS_DSN"]}"',
             f'  CRM source  psql "{env["WTC_PROD_DSN"]}"',
             f"  SFTP        {env['SFTP_URL']}",
+            f"  stream      {env['STREAM_URL']}",
+            *(
+                [f"  Connect     {env['CONNECT_URL']}/connectors?expand=status"]
+                if "CONNECT_URL" in env
+                else []
+            ),
             "",
             f"  try:  source {env_file}",
             "        msisdn=$(psql -Atc 'select msisdn from cdr_data.data_records limit 1' "
@@ -246,14 +325,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ops.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="small")
     parser.add_argument(
+        "--stream",
+        choices=["redis", "kafka"],
+        default="redis",
+        help="redis: the embedded default (Redis Streams, the pgoutput reader; no Java); "
+        "kafka: 3 Kafka brokers and Kafka Connect (Debezium) as local JVM processes",
+    )
+    parser.add_argument(
         "--docs-only", action="store_true", help="only (re)generate and serve the dbt docs site"
     )
     args = parser.parse_args(argv)
     setup_logging()
     stack = Stack()
-    env = demo_env(stack.s)
+    kafka = KafkaStack(stack.s) if args.stream == "kafka" else None
+    env = demo_env(stack.s, kafka)
     try:
         stack.start()
+        if kafka is not None:
+            kafka.start()
         env_file = stack.state / "demo.env"
         write_env_file(env_file, env)
         if args.docs_only:
