@@ -232,3 +232,64 @@ def test_a_broker_killed_while_publishing_and_consuming_loses_nothing(
         wait_until(cluster.brokers_healthy, "the third broker to return", 120, 0.5)
     assert not consumer.is_alive()
     assert stored_usage(redis_client) == want
+
+
+def test_hvs_consumers_joining_and_leaving_share_the_work_exactly(
+    real_kafka: RealKafka, stack, redis_client
+):
+    """Rebalances on the real cluster: a second HVS consumer joins the group while events flow,
+    then the first leaves; every event is applied once, the totals are exact."""
+    cluster = real_kafka.cluster
+    suffix = f"r{int(time.time() * 1000)}"
+    topics = {"cdr-data": f"cdr-data-{suffix}", "cdr-voice": f"cdr-voice-{suffix}"}
+    base = HvsSettings(
+        redis_url=stack.redis_url,
+        stream_url=real_kafka.stream_url,
+        metrics_port=0,
+        poll_timeout=0.2,
+        batch_size=200,
+        group=f"hvs-{suffix}",
+        data_topic=topics["cdr-data"],
+        voice_topic=topics["cdr-voice"],
+        tick_topic=f"tick-data-{suffix}",
+    )
+    cluster.create_topics({t: (6, 3) for t in topics.values()} | {base.tick_topic: (1, 3)})
+    events = make_events(n_files=6, rows=400, seed=21, start=datetime(2024, 1, 1))
+    want = expected_usage(events, None)
+    stops = {name: threading.Event() for name in ("a", "b")}
+    workers = {
+        name: threading.Thread(
+            target=run, args=(base.model_copy(update={"consumer_name": name}), stops[name])
+        )
+        for name in stops
+    }
+
+    def publish(chunk: int) -> None:
+        part = slice(chunk * 400, (chunk + 1) * 400)
+        with open_producer(real_kafka.stream_url) as producer:
+            for topic, evs in events.items():
+                producer.publish_many(
+                    topics[topic],
+                    ((e["msisdn"].encode(), orjson.dumps(e), None) for e in evs[part]),
+                )
+
+    try:
+        workers["a"].start()
+        publish(0)
+        publish(1)
+        workers["b"].start()  # joins: partitions move while events flow
+        publish(2)
+        publish(3)
+        stops["a"].set()  # leaves: its partitions go to b
+        workers["a"].join(60)
+        publish(4)
+        publish(5)
+        wait_until(lambda: stored_usage(redis_client) == want, "HVS totals", 120, 0.5)
+    finally:
+        for name in stops:
+            stops[name].set()
+        for worker in workers.values():
+            if worker.is_alive():
+                worker.join(60)
+    assert not any(w.is_alive() for w in workers.values())
+    assert stored_usage(redis_client) == want
