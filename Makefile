@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SCALE ?= small
+STREAM ?= redis
 export DBT_PROFILES_DIR := $(CURDIR)/dbt
 
 .PHONY: help venv setup start status stop demo test lint lint-monitoring format bench bench-stages docs clean
@@ -19,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed  ## create the virtual environment with pinned dependencies
 
-setup: venv  ## install missing Debian packages and service users (as root on Debian)
+setup: venv  ## install missing Debian packages and service users (as root on Debian); fetch the pinned Kafka/Connect jars (mvn) into .cache/jvm when a JDK is there
 	$(PY) -m ops.stack setup
 
 start: venv  ## start Postgres, Redis and the SFTP server under .wtc/ and bootstrap them
@@ -31,8 +32,8 @@ status: venv  ## what runs, where
 stop: venv  ## stop everything the demo started, gracefully
 	$(PY) -m ops.stack stop
 
-demo: venv  ## set up, run the whole pipeline, leave the API and docs serving (SCALE=small|starter)
-	$(PY) -m ops.demo --scale $(SCALE)
+demo: venv  ## set up, run the whole pipeline, leave the API and docs serving (SCALE=small|starter, STREAM=redis|kafka)
+	$(PY) -m ops.demo --scale $(SCALE) --stream $(STREAM)
 
 lint: venv  ## ruff, mypy, the import rules, and sqlfluff with the dbt templater (offline: the profile's `lint` target)
 	$(VENV)/bin/ruff check .

@@ -204,13 +204,45 @@ def wait_for_connect(connect_url: str, timeout: float) -> None:
             time.sleep(2.0)
 
 
-def register(connect_url: str, requests: list[ConnectorRequest]) -> None:
-    """PUT each config (create or update), then log the connector's state."""
+def connector_status(connect_url: str, name: str) -> dict[str, Any] | None:
+    """`GET /connectors/<name>/status`, or None while the worker has written no status yet (a
+    connector just created: its status reaches the status topic a moment later)."""
+    try:
+        return _call("GET", f"{connect_url}/connectors/{quote(name, safe='')}/status")
+    except RegisterError as exc:
+        if "HTTP 404" in str(exc):
+            return None
+        raise
+
+
+def states(status: dict[str, Any] | None) -> tuple[str, ...]:
+    """(connector state, task states in task order), ("UNKNOWN",) without a status."""
+    if not status:
+        return ("UNKNOWN",)
+    tasks = sorted(status.get("tasks", []), key=lambda t: t["id"])
+    return (status["connector"]["state"], *(t["state"] for t in tasks))
+
+
+def register(connect_url: str, requests: list[ConnectorRequest], wait: float = 30.0) -> None:
+    """PUT each config (create or update), then log the connector's and its tasks' state once
+    the worker reports one (polled for up to `wait` seconds)."""
     for req in requests:
         _call("PUT", connect_url + req.path, req.body())
-        status = _call("GET", f"{connect_url}/connectors/{quote(req.name, safe='')}/status")
-        state = (status or {}).get("connector", {}).get("state", "unknown")
-        log.info("connector registered", extra={"connector": req.name, "state": state})
+    for req in requests:
+        deadline = time.monotonic() + wait
+        status = connector_status(connect_url, req.name)
+        while (status is None or not status.get("tasks")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = connector_status(connect_url, req.name)
+        found = states(status)
+        log.info(
+            "connector registered",
+            extra={"connector": req.name, "state": found[0], "tasks": list(found[1:])},
+        )
+        failed = [t for t in (status or {}).get("tasks", []) if t["state"] == "FAILED"]
+        if failed:
+            trace = (failed[0].get("trace") or "").splitlines()[:1]
+            raise RegisterError(f"{req.name}: task {failed[0]['id']} FAILED: {' '.join(trace)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,20 @@
 # syntax=docker/dockerfile:1
-# Kafka Connect (distributed mode) with exactly the two plugins the stack uses:
-# the Debezium PostgreSQL source and the Debezium JDBC sink (which bundles the PostgreSQL
-# JDBC driver). Debezium's image ships both; the other connectors are removed so the worker
-# loads only what it runs. Build context: docker/.
-ARG DEBEZIUM_VERSION=2.7.3.Final
-FROM quay.io/debezium/connect:${DEBEZIUM_VERSION}
+# Kafka Connect (distributed mode) on the Apache Kafka image, with exactly the two plugins the
+# stack uses, fetched by the same pinned manifest (connect/jvm/pom.xml) as the local Kafka path:
+# Debezium's PostgreSQL source and Debezium's JDBC sink (with the PostgreSQL JDBC driver).
+# Build context: the repository root (see connect.Dockerfile.dockerignore).
+ARG KAFKA_VERSION=4.3.0
 
-USER root
-RUN set -eu; \
-    cd "$KAFKA_CONNECT_PLUGINS_DIR"; \
-    test -d debezium-connector-postgres; \
-    test -d debezium-connector-jdbc; \
-    for plugin in *; do \
-        case "$plugin" in \
-            debezium-connector-postgres|debezium-connector-jdbc) ;; \
-            *) rm -rf "$plugin" ;; \
-        esac; \
-    done; \
-    ls "$KAFKA_CONNECT_PLUGINS_DIR"
-USER kafka
+FROM maven:3.9-eclipse-temurin-17 AS plugins
+WORKDIR /src
+COPY connect/jvm/ connect/jvm/
+RUN mvn --batch-mode --no-transfer-progress -s connect/jvm/settings.xml -f connect/jvm/pom.xml \
+        dependency:copy-dependencies -Dwtc.jvm.cache=/jvm \
+    && test -n "$(ls /jvm/plugins/debezium-connector-postgres/debezium-connector-postgres-*.jar)" \
+    && test -n "$(ls /jvm/plugins/debezium-connector-jdbc/debezium-connector-jdbc-*.jar)"
+
+FROM apache/kafka:${KAFKA_VERSION}
+COPY --from=plugins /jvm/plugins/ /opt/wtc/plugins/
+COPY docker/kafka/connect-distributed.properties /opt/wtc/connect-distributed.properties
+ENTRYPOINT ["/opt/kafka/bin/connect-distributed.sh"]
+CMD ["/opt/wtc/connect-distributed.properties"]

@@ -34,12 +34,14 @@ from common.settings import CDR_DROP, PROJECT_ROOT, StackSettings
 from ops.dbt import DBT_BIN, DBT_DIR, connection_env
 from ops.progress import landing_display
 from ops.stack import Stack, StackError, port_open, wait_until
+from ops.stack.kafka import KafkaStack
 
 log = logging.getLogger("ops.demo")
 
 PY = sys.executable
 DEV_API_USER = "wtc"
 DEV_API_PASSWORD = "wtc-dev"  # noqa: S105 development default for the local demo only (see README)
+DEBEZIUM_SLOT = "wtc_crm_debezium"  # slot.name in connect/connectors/crm-source.json
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,20 @@ SCALES = {
 }
 
 
-def demo_env(s: StackSettings) -> dict[str, str]:
+def demo_env(s: StackSettings, kafka: KafkaStack | None = None) -> dict[str, str]:
     """The variables `.wtc/demo.env` exports for a person at the terminal (documented in the
-    README): the warehouse as the read-only analyst, Redis as the API's read-only user."""
+    README): the warehouse as the read-only analyst, Redis as the API's read-only user, and on
+    the Kafka path the brokers and the Connect REST API."""
+    stream = (
+        {} if kafka is None else {"STREAM_URL": kafka.stream_url, "CONNECT_URL": kafka.connect_url}
+    )
     api_user = os.environ.get("API_USER", DEV_API_USER)
     api_password = os.environ.get("API_PASSWORD", DEV_API_PASSWORD)
     return {
         "WTC_ANALYTICS_DSN": s.pg_dsn("wtc_analytics", "analyst"),
         "REDIS_URL": s.redis_url_for("api", 0),
         "CDR_DIR": CDR_DROP,
+        **stream,
         "API_URL": f"http://{s.host}:{s.api_port}",
         "API_USER": api_user,
         "API_PASSWORD": api_password,
@@ -87,8 +94,9 @@ PROCESS_ROLES = {
 }
 
 
-def process_env(s: StackSettings, process: str) -> dict[str, str]:
-    """The connections of one process, each as that process's own role and user only."""
+def process_env(s: StackSettings, process: str, kafka: KafkaStack | None = None) -> dict[str, str]:
+    """The connections of one process, each as that process's own role and user only (on the
+    Kafka path the stream is the brokers, which take no password here)."""
     pg_role, redis_user = PROCESS_ROLES[process]
     env = {"SFTP_URL": s.sftp_url, "CDR_DIR": CDR_DROP} if process == "cdr_loader" else {}
     if process == "generators":
@@ -99,6 +107,8 @@ def process_env(s: StackSettings, process: str) -> dict[str, str]:
     if redis_user is not None:
         env["REDIS_URL"] = s.redis_url_for(redis_user, 0)
         env["STREAM_URL"] = s.redis_url_for(redis_user, 1)
+    if kafka is not None and "STREAM_URL" in env:
+        env["STREAM_URL"] = kafka.stream_url
     if process == "dbt":
         env.update(connection_env(s, role="dbt"))
     return env
@@ -115,11 +125,12 @@ def write_env_file(path: Path, env: dict[str, str], what: str = "") -> None:
         out.write("\n".join(lines) + "\n")
 
 
-def write_process_env_files(stack: Stack) -> Path:
+def write_process_env_files(stack: Stack, kafka: KafkaStack | None = None) -> Path:
     """`.wtc/env/<process>.env`: each process's own connections (its role, its user)."""
     folder = stack.state / "env"
     for process in PROCESS_ROLES:
-        write_env_file(folder / f"{process}.env", process_env(stack.s, process), f"as {process}")
+        env = process_env(stack.s, process, kafka)
+        write_env_file(folder / f"{process}.env", env, f"as {process}")
     return folder
 
 
@@ -142,7 +153,77 @@ def run(
     log.info("done: %s", step, extra={"seconds": round(time.monotonic() - started, 1)})
 
 
-def generate(scale: Scale, stack: Stack) -> None:
+def connect_env(s: StackSettings, kafka: KafkaStack) -> dict[str, str]:
+    """What registering the connectors needs. The Connect worker logs in to Postgres as the
+    superuser (its `${env:WTC_PG_PASSWORD}`): Debezium's publication and the sinks' tables are
+    not yet mapped to the narrower roles (docs/security.md)."""
+    return {
+        "WTC_PROD_DSN": s.prod_dsn,
+        "WTC_ANALYTICS_DSN": s.analytics_dsn,
+        "CONNECT_URL": kafka.connect_url,
+    }
+
+
+def start_capture(stack: Stack, kafka: KafkaStack | None) -> None:
+    """Start the CRM change capture and let it take its snapshot: the embedded reader's first
+    run, or Debezium's source and the JDBC sinks registered with Connect."""
+    if kafka is None:
+        run("start CRM change capture", CRM_CDC_ONCE, process_env(stack.s, "crm_cdc"))
+        return
+    env = connect_env(stack.s, kafka)
+    run(
+        "register the Debezium source and JDBC sinks",
+        [PY, "connect/register.py", "--wait", "120"],
+        env,
+    )
+    wait_for_slot(env, DEBEZIUM_SLOT)
+    wait_for_capture(env, "Debezium's snapshot to land")
+
+
+def wait_for_slot(env: dict[str, str], slot: str, timeout: float = 120.0) -> None:
+    """Debezium creates its replication slot when its task starts: changes made after that are
+    captured as changes, not folded into the snapshot."""
+    import psycopg
+
+    def exists() -> bool:
+        with psycopg.connect(env["WTC_PROD_DSN"]) as prod:
+            return bool(
+                prod.execute(
+                    "select 1 from pg_replication_slots where slot_name = %s", (slot,)
+                ).fetchone()
+            )
+
+    wait_until(exists, f"the replication slot {slot}", timeout=timeout, interval=0.5)
+
+
+def wait_for_capture(env: dict[str, str], what: str, timeout: float = 300.0) -> None:
+    """Poll until the change log, rebuilt (latest change per key, deletes dropped), holds as many
+    rows per table as the CRM source: the JDBC sinks have caught up."""
+    import psycopg
+
+    tables = {"accounts": "account_id", "addresses": "account_id", "devices": "device_id"}
+
+    def caught_up() -> bool:
+        with (
+            psycopg.connect(env["WTC_PROD_DSN"]) as prod,
+            psycopg.connect(env["WTC_ANALYTICS_DSN"]) as ana,
+        ):
+            for table, key in tables.items():
+                want = prod.execute(f"select count(*) from crm_system.{table}").fetchone()
+                have = ana.execute(
+                    f"select count(*) from (select distinct on ({key}) __op "
+                    f"from crm_data.{table}_changes order by {key}, __op <> 'r' desc, __lsn desc"
+                    ") latest where __op <> 'd'"
+                ).fetchone()
+                if have != want:  # count(*): one row each
+                    return False
+        return True
+
+    log.info("waiting for %s", what)
+    wait_until(caught_up, what, timeout=timeout, interval=1.0)
+
+
+def generate(scale: Scale, stack: Stack, kafka: KafkaStack | None = None) -> None:
     s = stack.s
     common = ["--profile", scale.profile, "--seed", "42", "--subscribers", str(scale.subscribers)]
     run(
@@ -162,7 +243,7 @@ def generate(scale: Scale, stack: Stack) -> None:
     )
     # The change capture starts first (slot and snapshot), so the CRM transactions that follow
     # land as real inserts, updates and deletes rather than as one snapshot.
-    run("start CRM change capture", CRM_CDC_ONCE, process_env(s, "crm_cdc"))
+    start_capture(stack, kafka)
     run(
         "generate CRM transactions in wtc_prod",
         [
@@ -188,26 +269,30 @@ def generate(scale: Scale, stack: Stack) -> None:
             "--hours",
             str(scale.hours),
         ],
-        process_env(s, "generators"),
+        process_env(s, "generators", kafka),
     )
 
 
 CRM_CDC_ONCE = [PY, "-m", "ingestion.crm_cdc", "--once"]
 
 
-def land_once(stack: Stack) -> None:
+def land_once(stack: Stack, kafka: KafkaStack | None = None) -> None:
     steps = {
         "land CDR files (and publish them)": ("ingestion.cdr_loader", "cdr_loader"),
         "land forex ticks": ("ingestion.tick_sink", "tick_sink"),
-        "capture CRM changes": ("ingestion.crm_cdc", "crm_cdc"),
     }
+    if kafka is None:
+        steps["capture CRM changes"] = ("ingestion.crm_cdc", "crm_cdc")
     with landing_display(stack.s) as display:  # rows, rate and ETA of each landing in a terminal
         for step, (module, process) in steps.items():
             output = stack.run_dir / f"{module}.once.log" if display.enabled else None
-            run(step, [PY, "-m", module, "--once"], process_env(stack.s, process), output=output)
+            env = process_env(stack.s, process, kafka)
+            run(step, [PY, "-m", module, "--once"], env, output=output)
+    if kafka is not None:
+        wait_for_capture(connect_env(stack.s, kafka), "the JDBC sinks to land the CRM changes")
 
 
-def start_live(stack: Stack, env: dict[str, str]) -> None:
+def start_live(stack: Stack, env: dict[str, str], kafka: KafkaStack | None = None) -> None:
     services = {
         "cdr_loader": [PY, "-m", "ingestion.cdr_loader"],
         "tick_sink": [PY, "-m", "ingestion.tick_sink"],
@@ -225,12 +310,14 @@ def start_live(stack: Stack, env: dict[str, str]) -> None:
             "--no-access-log",
         ],
     }
+    if kafka is not None:
+        del services["crm_cdc"]  # Debezium and the JDBC sinks capture the CRM on this path
     common = {"WTC_LOG_FORMAT": "json"}
     if "API_USERS" not in os.environ and env["API_PASSWORD"] != DEV_API_PASSWORD:
         # A login of your own: the API accepts exactly the one that demo.env names.
         common["API_USERS"] = f"{env['API_USER']}:{hash_password(env['API_PASSWORD'])}"
     for name, argv in services.items():
-        stack.start_process(name, argv, {**common, **process_env(stack.s, name)})
+        stack.start_process(name, argv, {**common, **process_env(stack.s, name, kafka)})
     wait_until(lambda: port_open(stack.s.host, stack.s.api_port), "the usage API", timeout=60)
 
 
@@ -276,7 +363,7 @@ def wait_for_healthy_api(api_url: str, timeout: float = 60.0) -> None:
     def healthy() -> bool:
         try:
             # the demo's own API on loopback, http
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:  # noqa: S310
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
                 return response.status == 200
         except OSError:
             return False
@@ -301,6 +388,14 @@ def summary(env: dict[str, str], env_file: Path, env_dir: Path, stack: Stack | N
             '  warehouse   psql "$WTC_ANALYTICS_DSN"   (read-only analyst role)',
             f"  processes   each one's own role and user: {env_dir}/<process>.env",
             *monitoring_lines(stack),
+            *(
+                [
+                    f"  stream      {env['STREAM_URL']}",
+                    f"  Connect     {env['CONNECT_URL']}/connectors?expand=status",
+                ]
+                if "CONNECT_URL" in env
+                else []
+            ),
             "",
             f"  try:  source {env_file}",
             "        msisdn=$(psql -Atc 'select msisdn from prepared_layers.cdr_usage_1h limit 1' "
@@ -327,26 +422,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ops.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="small")
     parser.add_argument(
+        "--stream",
+        choices=["redis", "kafka"],
+        default="redis",
+        help="redis: the embedded default (Redis Streams, the pgoutput reader; no Java); "
+        "kafka: 3 Kafka brokers and Kafka Connect (Debezium) as local JVM processes",
+    )
+    parser.add_argument(
         "--docs-only", action="store_true", help="only (re)generate and serve the dbt docs site"
     )
     args = parser.parse_args(argv)
     setup_logging()
     stack = Stack()
-    env = demo_env(stack.s)
+    kafka = KafkaStack(stack.s) if args.stream == "kafka" else None
+    env = demo_env(stack.s, kafka)
     try:
         stack.start()
+        if kafka is not None:
+            kafka.start()
         env_file = stack.state / "demo.env"
         write_env_file(env_file, env)
-        env_dir = write_process_env_files(stack)
+        env_dir = write_process_env_files(stack, kafka)
         if args.docs_only:
             serve_docs(stack)
             print(f"dbt docs: {env['DBT_DOCS_URL']}")
             return 0
         started = time.monotonic()
         scale = SCALES[args.scale]
-        generate(scale, stack)
-        land_once(stack)
-        start_live(stack, env)
+        generate(scale, stack, kafka)
+        land_once(stack, kafka)
+        start_live(stack, env, kafka)
         build_warehouse(stack)
         wait_for_healthy_api(env["API_URL"])
         log.info("demo ready", extra={"seconds": round(time.monotonic() - started, 1)})

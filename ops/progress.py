@@ -167,7 +167,7 @@ def inserted_probe(dsn: str, schema: str, total: Callable[[], float | None]) -> 
     """Rows inserted into a schema's tables, from Postgres' statistics (no count(*) of a growing
     table; the figures trail a committed transaction by up to a second)."""
     # the schema is one of the project's own names, never input
-    sql = f"select sum(n_tup_ins) from pg_stat_user_tables where schemaname = '{schema}'"  # noqa: S608
+    sql = f"select sum(n_tup_ins) from pg_stat_user_tables where schemaname = '{schema}'"
     return lambda: (_scalar(dsn, sql), total())
 
 

@@ -103,3 +103,19 @@ def test_demo_env_file_exports_every_documented_variable(tmp_path):
     script = f'source {tmp_path / "cdr_loader.env"} && echo "$SFTP_URL"'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == loader["SFTP_URL"] == settings.sftp_url
+
+
+def test_demo_env_on_the_kafka_path_names_the_brokers_and_connect(tmp_path):
+    from ops.stack.kafka import KafkaSettings, KafkaStack
+
+    s = StackSettings(state_dir=tmp_path)
+    kafka = KafkaStack(
+        s, KafkaSettings(broker_ports=[1, 2, 3], controller_ports=[4, 5, 6], connect_port=7)
+    )
+    env = demo_env(s, kafka)
+    assert env["STREAM_URL"] == (
+        "kafka://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3?group.protocol=consumer"
+    )
+    assert env["CONNECT_URL"] == "http://127.0.0.1:7"
+    assert "CONNECT_URL" not in demo_env(s)  # the embedded default: Redis Streams, no Connect
+    assert demo_env(s)["STREAM_URL"] == s.stream_url

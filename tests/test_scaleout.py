@@ -43,7 +43,9 @@ from connect.register import (
 from ops.stack import free_port
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
-TOPICS_SCRIPT = PROJECT_ROOT / "docker" / "redpanda" / "create-topics.sh"
+TOPICS_SCRIPT = PROJECT_ROOT / "docker" / "kafka" / "create-topics.sh"
+CONNECT_WORKER = PROJECT_ROOT / "docker" / "kafka" / "connect-distributed.properties"
+JVM_POM = PROJECT_ROOT / "connect" / "jvm" / "pom.xml"
 PG_INIT_SCRIPT = PROJECT_ROOT / "docker" / "postgres" / "00-wtc-databases.sh"
 PYTHON_IMAGE = "wtc-analytics/python:dev"
 PROJECT_PACKAGES = (
@@ -58,7 +60,7 @@ PROJECT_PACKAGES = (
 )
 LOG_ENV = ("WTC_LOG_FORMAT", "WTC_LOG_LEVEL")  # read by common/logs.py, not a settings class
 
-# Option values as the Debezium 2.7 / Kafka Connect sources and docs define them.
+# Option values as the Debezium 3.6 / Kafka Connect sources and docs define them.
 EXTRACT_NEW_RECORD_STATE = "io.debezium.transforms.ExtractNewRecordState"
 REPLACE_FIELD_VALUE = "org.apache.kafka.connect.transforms.ReplaceField$Value"
 DEBEZIUM_POSTGRES = "io.debezium.connector.postgresql.PostgresConnector"
@@ -128,12 +130,12 @@ def test_compose_binary_rejects_an_invalid_file(compose_binary, tmp_path):
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(
         COMPOSE_FILE.read_text().replace(
-            "    healthcheck: *redpanda-healthcheck\n", "    healthcheck: 3\n", 1
+            "      start_period: 30s\n", "      start_period: 30s\n      retries: many\n", 1
         )
     )
     result = run_compose(compose_binary, broken, "config", "--quiet")
     assert result.returncode != 0
-    assert "healthcheck" in result.stderr
+    assert "retries" in result.stderr
 
 
 def test_only_the_api_and_docs_are_published_on_loopback(compose_model):
@@ -159,9 +161,6 @@ def test_services_start_in_order_of_health(compose_model):
             condition = how["condition"]
             if dependency in one_shots:
                 assert condition == "service_completed_successfully", (name, dependency)
-            elif name in {"redpanda-1", "redpanda-2"}:
-                # Seeds only need the first broker to exist; all three gate `topics`.
-                assert condition == "service_started", (name, dependency)
             else:
                 assert condition == "service_healthy", (name, dependency)
                 assert "healthcheck" in services[dependency], dependency
@@ -172,8 +171,9 @@ def test_services_start_in_order_of_health(compose_model):
 
 def test_the_stack_has_the_architecture_parts(compose_model):
     services = compose_model["services"]
-    for broker in ("redpanda-0", "redpanda-1", "redpanda-2"):
-        assert services[broker]["image"].startswith("docker.redpanda.com/redpandadata/redpanda:")
+    for broker in ("kafka-0", "kafka-1", "kafka-2"):
+        assert services[broker]["image"] == f"apache/kafka:{pinned('kafka.version')}"
+        assert "depends_on" not in services[broker]  # the quorum needs all three at once
     pg = services["postgres"]
     assert pg["image"] == "postgres:15"
     assert {"wal_level=logical", "timezone=UTC"} <= set(pg["command"])
@@ -191,7 +191,10 @@ def test_the_stack_has_the_architecture_parts(compose_model):
     assert "dbt build; status=$$?;" in dbt and dbt.endswith("exit $$status")
     assert "python -m monitoring.dbt_metrics build" in dbt
     assert "python -m monitoring.dbt_metrics freshness" in dbt
-    assert services["connect"]["environment"]["GROUP_ID"]  # distributed mode: a worker group
+    worker = worker_properties()
+    assert worker["group.id"]  # distributed mode: a worker group
+    for topic in ("config", "offset", "status"):
+        assert worker[f"{topic}.storage.replication.factor"] == "3"
     for name, service in services.items():
         if service.get("image") == PYTHON_IMAGE:
             assert service["build"]["dockerfile"] == "docker/python.Dockerfile", name
@@ -204,13 +207,42 @@ def test_the_stack_has_the_architecture_parts(compose_model):
     connect_dockerfile = (PROJECT_ROOT / "docker" / "connect.Dockerfile").read_text()
     assert "debezium-connector-postgres" in connect_dockerfile
     assert "debezium-connector-jdbc" in connect_dockerfile
+    assert "-f connect/jvm/pom.xml" in connect_dockerfile  # the same pinned plugins
+    assert f"ARG KAFKA_VERSION={pinned('kafka.version')}" in connect_dockerfile
+    assert services["connect"]["build"]["args"]["KAFKA_VERSION"] == pinned("kafka.version")
 
 
-def test_streams_point_at_the_redpanda_cluster(compose_model):
+def test_streams_point_at_the_kafka_cluster(compose_model):
     for name, service in compose_model["services"].items():
         url = (service.get("environment") or {}).get("STREAM_URL")
         if url is not None:
-            assert url == "kafka://redpanda-0:9092,redpanda-1:9092,redpanda-2:9092", name
+            assert url == "kafka://kafka-0:9092,kafka-1:9092,kafka-2:9092", name
+
+
+def pinned(name: str) -> str:
+    """A version property of the pinned JVM manifest (connect/jvm/pom.xml)."""
+    match = re.search(rf"<{re.escape(name)}>([^<]+)</{re.escape(name)}>", JVM_POM.read_text())
+    assert match, f"{name} not pinned in {JVM_POM}"
+    return match.group(1)
+
+
+def worker_properties() -> dict[str, str]:
+    lines = CONNECT_WORKER.read_text().splitlines()
+    pairs = [line.split("=", 1) for line in lines if line and not line.startswith("#")]
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def test_compose_runs_the_pinned_kafka_and_debezium_releases(compose_model):
+    kafka, debezium = pinned("kafka.version"), pinned("debezium.version")
+    assert re.fullmatch(r"4\.\d+\.\d+", kafka)
+    assert re.fullmatch(r"3\.\d+\.\d+\.Final", debezium)
+    images = {s.get("image") for s in compose_model["services"].values()}
+    assert f"apache/kafka:{kafka}" in images
+    assert not any("redpanda" in (image or "") for image in images)
+    for module in ("debezium-postgres", "debezium-jdbc"):
+        text = (JVM_POM.parent / module / "pom.xml").read_text()
+        assert "<version>${debezium.version}</version>" in text, module
+    assert worker_properties()["plugin.path"] == "/opt/wtc/plugins"
 
 
 # -- env names of the project's services ----------------------------------------------------------
@@ -485,8 +517,9 @@ def test_connector_files_parse_and_keep_secrets_on_the_worker(connector_requests
 def test_connect_worker_can_resolve_the_env_references(compose_model, connector_requests):
     env = compose_model["services"]["connect"]["environment"]
     provider = "org.apache.kafka.common.config.provider.EnvVarConfigProvider"
-    assert env["CONNECT_CONFIG_PROVIDERS"] == "env"
-    assert env["CONNECT_CONFIG_PROVIDERS_ENV_CLASS"] == provider
+    worker = worker_properties()
+    assert worker["config.providers"] == "env"
+    assert worker["config.providers.env.class"] == provider
     for req in connector_requests.values():
         for value in req.config.values():
             for name in re.findall(r"\$\{env:([A-Z_]+)\}", value):
