@@ -28,7 +28,7 @@ DEV_PG_PASSWORD = "postgres"  # noqa: S105
 DEV_SFTP_PASSWORD = "password"  # noqa: S105
 DEV_REDIS_PASSWORDS = {
     role: f"dev-redis-{role}"
-    for role in ("admin", "hvs", "api", "cdr_loader", "tick_sink", "sources")
+    for role in ("admin", "hvs", "api", "cdr_loader", "tick_sink", "sources", "exporter")
 }
 """The local stack's Redis users (ops/stack/redis_acl.py says what each may do)."""
 DEV_PG_ROLE_PASSWORDS = {role: f"dev-pg-{role}" for role in ("loader", "cdc", "dbt", "analyst")}
@@ -110,6 +110,7 @@ class StackSettings(BaseSettings):
     redis_cdr_loader_password: str = DEV_REDIS_PASSWORDS["cdr_loader"]
     redis_tick_sink_password: str = DEV_REDIS_PASSWORDS["tick_sink"]
     redis_sources_password: str = DEV_REDIS_PASSWORDS["sources"]
+    redis_exporter_password: str = DEV_REDIS_PASSWORDS["exporter"]
     sftp_port: int = 10022
     sftp_user: str = Field(
         default="",

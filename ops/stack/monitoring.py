@@ -168,6 +168,8 @@ class Monitoring:
                     f"--web.listen-address={host}:{s.redis_exporter_port}",
                     f"--redis.addr=redis://{self.stack.host}:{self.stack.redis_port}",
                 ],
+                # its own read-only ACL user; the password in the environment, never the argv
+                {"REDIS_USER": "exporter", "REDIS_PASSWORD": self.stack.redis_exporter_password},
             ),
             Daemon(
                 "receiver",

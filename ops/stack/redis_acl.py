@@ -11,6 +11,7 @@ SHA-256 hashes of the passwords, never the passwords (they come from `WTC_REDIS_
 | `cdr_loader` | append (XADD) to the CDR streams |
 | `tick_sink` | consume the tick stream (it writes its ticks to Postgres, not to Redis) |
 | `sources` | append to the tick stream (the forex generator, dev tooling) |
+| `exporter` | the server's figures for Prometheus (INFO, CONFIG GET, SLOWLOG, ...); no key |
 
 Consuming a stream in a group (XREADGROUP, XACK, XAUTOCLAIM, XGROUP) changes the group's state,
 so Redis counts it as a write of the stream key: a consumer's rights on a stream are limited by
@@ -30,7 +31,7 @@ TICK_TOPIC = "tick-data"
 CDR_STREAMS = (stream_key(CDR_DATA_TOPIC), stream_key(CDR_VOICE_TOPIC))
 TICK_STREAM = stream_key(TICK_TOPIC)
 
-ROLES = ("admin", "hvs", "api", "cdr_loader", "tick_sink", "sources")
+ROLES = ("admin", "hvs", "api", "cdr_loader", "tick_sink", "sources", "exporter")
 
 # AUTH, HELLO, PING, SELECT and the like, without CLIENT KILL and the other admin commands
 _CONNECT = "-@all +@connection -@admin -@dangerous +select"
@@ -58,6 +59,11 @@ RULES: dict[str, str] = {
     "cdr_loader": f"{_keys(*CDR_STREAMS)} {_CONNECT} +xadd",
     "tick_sink": f"{_CONNECT} {_consumer(TICK_STREAM)}",
     "sources": f"{_keys(TICK_STREAM)} {_CONNECT} +xadd",
+    # Prometheus' redis exporter: the server's figures, no key and no value
+    "exporter": (
+        f"{_CONNECT} +info +dbsize +config|get +slowlog|get +slowlog|len +latency|latest "
+        "+client|list +memory|stats"
+    ),
 }
 
 
