@@ -117,5 +117,10 @@ def test_demo_env_on_the_kafka_path_names_the_brokers_and_connect(tmp_path):
         "kafka://127.0.0.1:1,127.0.0.1:2,127.0.0.1:3?group.protocol=consumer"
     )
     assert env["CONNECT_URL"] == "http://127.0.0.1:7"
-    assert "CONNECT_URL" not in demo_env(s)  # the embedded default: Redis Streams, no Connect
-    assert demo_env(s)["STREAM_URL"] == s.stream_url
+    # the embedded default: no Connect, and the person's file names no stream (the analyst has
+    # no Redis stream user); each process's own file carries its stream, Redis or Kafka
+    assert "CONNECT_URL" not in demo_env(s) and "STREAM_URL" not in demo_env(s)
+    for process in ("cdr_loader", "tick_sink", "hvs"):
+        assert process_env(s, process)["STREAM_URL"] == s.redis_url_for(process, 1)
+        assert process_env(s, process, kafka)["STREAM_URL"] == env["STREAM_URL"]
+    assert "STREAM_URL" not in process_env(s, "crm_cdc", kafka)
