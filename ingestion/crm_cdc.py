@@ -323,7 +323,7 @@ class CrmCdc:
                     "give it a primary key (REPLICA IDENTITY DEFAULT) or REPLICA IDENTITY FULL"
                 )
         exists = self.prod.execute(
-            "select 1 from pg_publication where pubname = %s", (self.s.publication,)
+            "select pubtruncate from pg_publication where pubname = %s", (self.s.publication,)
         ).fetchone()
         if not exists:
             self.prod.execute(
@@ -336,12 +336,19 @@ class CrmCdc:
                 )
             )
             log.info("publication created", extra={"publication": self.s.publication})
-        else:  # one created before TRUNCATE was published: TRUNCATE is never silent
-            self.prod.execute(
-                sql.SQL("alter publication {} set (publish = {})").format(
-                    sql.Identifier(self.s.publication), sql.Literal(PUBLISHED_OPERATIONS)
+        elif not exists[0]:  # one created before TRUNCATE was published: never silent
+            try:
+                self.prod.execute(
+                    sql.SQL("alter publication {} set (publish = {})").format(
+                        sql.Identifier(self.s.publication), sql.Literal(PUBLISHED_OPERATIONS)
+                    )
                 )
-            )
+            except psycopg.errors.InsufficientPrivilege:
+                raise CdcError(
+                    f"publication {self.s.publication} does not publish TRUNCATE and this role "
+                    f"does not own it: alter publication {self.s.publication} "
+                    f"set (publish = '{PUBLISHED_OPERATIONS}') as its owner"
+                ) from None
         published = {
             r[0]
             for r in self.prod.execute(

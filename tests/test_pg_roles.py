@@ -121,3 +121,23 @@ def test_only_scram_passwords_on_loopback(stack) -> None:
             assert method == "scram-sha-256", (kind, address, method)
             assert address in ("127.0.0.1", "::1"), address
     assert sorted(stored) == [(f"wtc_{r}", True) for r in ("analyst", "cdc", "dbt", "loader")]
+
+
+def test_the_cdc_role_starts_its_reader_on_the_publication_the_stack_made(stack) -> None:
+    """The publication is the stack's (the cdc role owns nothing in the source) and already
+    sends TRUNCATE, so the reader, as the cdc role, starts on it without altering it."""
+    from ingestion.crm_cdc import CdcSettings, CrmCdc
+
+    with connect(stack, "cdc", "wtc_prod") as conn:
+        assert conn.execute(
+            "select pubtruncate, pg_get_userbyid(pubowner) <> current_user from pg_publication "
+            "where pubname = 'wtc_crm_cdc'"
+        ).fetchone() == (True, True)
+    settings = CdcSettings(
+        analytics_dsn=stack.settings.pg_dsn("wtc_analytics", "cdc"),
+        prod_dsn=stack.settings.pg_dsn("wtc_prod", "cdc"),
+        slot="wtc_roles_test",
+        metrics_port=0,
+    )
+    with CrmCdc(settings) as cdc:
+        cdc.ensure_publication()  # refused before: "must be owner of publication wtc_crm_cdc"

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from psycopg import Connection, sql
 
+from ingestion.crm_cdc import PUBLISHED_OPERATIONS
+
 ROLES = ("loader", "cdc", "dbt", "analyst")
 RAW_SCHEMAS = ("cdr_data", "crm_data", "forex_data")
 DBT_SCHEMAS = ("staging", "intermediate", "prepared_layers")
@@ -137,11 +139,16 @@ def grant_prod(conn: Connection, publication: str, tables: list[str]) -> None:
         "select 1 from pg_publication where pubname = %s", [publication]
     ).fetchone():
         conn.execute(
-            sql.SQL(
-                "create publication {} for table {} with (publish = 'insert, update, delete')"
-            ).format(
+            sql.SQL("create publication {} for table {} with (publish = {})").format(
                 sql.Identifier(publication),
                 sql.SQL(", ").join(sql.Identifier("crm_system", t) for t in tables),
+                sql.Literal(PUBLISHED_OPERATIONS),
+            )
+        )
+    else:  # made before TRUNCATE was published: the change capture must see it (and stop)
+        conn.execute(
+            sql.SQL("alter publication {} set (publish = {})").format(
+                sql.Identifier(publication), sql.Literal(PUBLISHED_OPERATIONS)
             )
         )
     conn.execute(sql.SQL("revoke all on database wtc_prod from public"))
