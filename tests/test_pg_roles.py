@@ -141,3 +141,30 @@ def test_the_cdc_role_starts_its_reader_on_the_publication_the_stack_made(stack)
     )
     with CrmCdc(settings) as cdc:
         cdc.ensure_publication()  # refused before: "must be owner of publication wtc_crm_cdc"
+
+
+def test_dbts_role_runs_the_projects_start_hooks(stack, tmp_path) -> None:
+    """dbt as the dbt role: its on-run-start hooks (the indicator functions, the landing
+    horizons' table) need no right to create in the database, an incremental model records its
+    horizon, and the role sees the other roles' sessions (their start times bound it)."""
+    import subprocess
+
+    from ops.dbt import DBT_BIN, DBT_DIR, connection_env, dbt_env
+
+    env = {**dbt_env(stack.settings, tmp_path), **connection_env(stack.settings, role="dbt")}
+    done = subprocess.run(
+        [str(DBT_BIN), "run", "--select", "+int_crm__account_versions"],
+        cwd=DBT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:]
+    with connect(stack, "dbt") as conn:
+        assert conn.execute(
+            "select pg_has_role(current_user, 'pg_read_all_stats', 'member')"
+        ).fetchone() == (True,)
+        assert conn.execute(
+            "select to_regclass('prepared_layers.dbt_landing_horizons')"
+        ).fetchone()[0]

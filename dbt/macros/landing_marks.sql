@@ -20,7 +20,15 @@
 
 {#- on-run-start: the table of the horizons (one row per model). -#}
 {% macro create_landing_horizons() %}
-    create schema if not exists {{ target.schema }};
+    {#- a plain `create schema if not exists` needs the right to create in the database even when
+        the schema is there, which dbt's own role (it owns its schemas) does not have -#}
+    do $$
+    begin
+        if not exists (select from pg_namespace where nspname = '{{ target.schema }}') then
+            execute 'create schema {{ target.schema }}';
+        end if;
+    end
+    $$;
     create table if not exists {{ target.schema }}.dbt_landing_horizons (
         model text primary key,
         horizon timestamptz not null,

@@ -3,7 +3,8 @@
 - `wtc_loader`, the CDR loader and the tick sink: read and write `cdr_data` and `forex_data`;
 - `wtc_cdc`, the CRM change capture: replication, read `wtc_prod.crm_system`, write `crm_data`
   (its change log) and manage its replication origin;
-- `wtc_dbt`: read every raw schema; owns `staging`, `intermediate` and `prepared_layers`;
+- `wtc_dbt`: read every raw schema; owns `staging`, `intermediate` and `prepared_layers`; sees
+  other sessions' start times (`pg_read_all_stats`) for its landing horizons;
 - `wtc_analyst`, BI and people: read `prepared_layers`, nothing else.
 
 The superuser (`WTC_PG_USER`) stays the stack's own: it bootstraps the databases and applies the
@@ -65,6 +66,10 @@ def grant_analytics(conn: Connection, superuser: str) -> None:
         )
     )
     run(sql.SQL("revoke create on schema public from public"))
+    # dbt's incremental models take their landing horizon from the oldest open transaction
+    # (dbt/macros/landing_marks.sql): it must see the other roles' sessions, not their queries'
+    # data (Postgres' read-only statistics role)
+    run(sql.SQL("grant pg_read_all_stats to {}").format(dbt))
     for schema in DBT_SCHEMAS:
         run(
             sql.SQL("create schema if not exists {} authorization {}").format(
