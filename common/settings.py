@@ -39,6 +39,12 @@ class StackSettings(BaseSettings):
         default="postgres", description="unprivileged OS user that runs Postgres when run as root"
     )
     redis_port: int = 16379
+    redis_maxmemory_mb: int = Field(
+        default=2048,
+        ge=16,
+        description="Redis `maxmemory` (HVS and stream together), with `noeviction`: when full, "
+        "writes fail and are retried as an outage; no key is ever evicted in silence",
+    )
     sftp_port: int = 10022
     sftp_user: str = "cdr_data"
     sftp_password: str = DEV_SFTP_PASSWORD

@@ -282,6 +282,10 @@ class Stack:
                     "",
                     "--protected-mode",
                     "yes",
+                    "--maxmemory",
+                    f"{self.s.redis_maxmemory_mb}mb",
+                    "--maxmemory-policy",
+                    "noeviction",
                 ]
             ),
             check=True,
