@@ -15,8 +15,8 @@ All keys live in the HVS database (REDIS_URL, db 0) under the prefix `hvs:`.
   waiting for that hour's rate.
 - `hvs:rejected` (list): rejected stream messages (JSON: topic, position, reason, value), newest
   first, capped at `REJECTED_MAX`.
-- `hvs:pause` (string, expires): set while a rebuild from the raw tables writes a day; the
-  consumer's apply script changes nothing while it exists (hvs/rebuild.py).
+- `hvs:pause` (hash, field `owner`, expires): set while a rebuild from the raw tables writes a
+  day; the consumer's apply script changes nothing while it exists (hvs/rebuild.py).
 
 Metrics of a usage field: `ev` events, `up` / `dn` / `by` up, down and total bytes (data only),
 `s` call seconds (calls only), `zar` cost in ZAR and `wak` cost in WAK, both integers in units of

@@ -47,7 +47,7 @@ from macros_py.currency import PAIRS
 
 log = logging.getLogger("hvs.rebuild")
 
-PAUSE_MS = 60_000
+PAUSE_SECONDS = 60
 """How long the pause holds should the rebuild die while writing; renewed before each step."""
 WAIT_SECONDS = 300.0
 """How long to wait for another rebuild's pause before giving up."""
@@ -223,7 +223,8 @@ def _write_day(hvs: Hvs, day: str, built: Built, token: str) -> tuple[int, int]:
             mask = bytearray(max(offsets) // 8 + 1)
             for o in offsets:
                 mask[o >> 3] |= 0x80 >> (o & 7)
-            pipe.set(tmp, bytes(mask))
+            pipe.delete(tmp)
+            pipe.setrange(tmp, 0, bytes(mask))
             pipe.bitop("OR", key, key, tmp)
             pipe.delete(tmp)
             pipe.expire(key, ttl)
@@ -233,10 +234,19 @@ def _write_day(hvs: Hvs, day: str, built: Built, token: str) -> tuple[int, int]:
 
 # -- the pause -------------------------------------------------------------------------------
 
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+# The pause is a hash (field `owner`): hash commands and EXPIRE are what the HVS' Redis user may
+# run on its keys.
+_ACQUIRE = (
+    "if redis.call('HSETNX', KEYS[1], 'owner', ARGV[1]) == 1 then"
+    " redis.call('EXPIRE', KEYS[1], ARGV[2]) return 1 end return 0"
+)
+_RELEASE = (
+    "if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then"
+    " return redis.call('DEL', KEYS[1]) end return 0"
+)
 _RENEW = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then"
-    " return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
+    "if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then"
+    " return redis.call('EXPIRE', KEYS[1], ARGV[2]) end return 0"
 )
 
 
@@ -244,7 +254,7 @@ def _pause(r: redis.Redis) -> str:
     """Hold the HVS (`hvs:pause`): wait while another rebuild holds it. Returns the token."""
     token = uuid.uuid4().hex
     deadline = time.monotonic() + WAIT_SECONDS
-    while not r.set(K.PAUSE_KEY, token, nx=True, px=PAUSE_MS):
+    while not r.eval(_ACQUIRE, 1, K.PAUSE_KEY, token, PAUSE_SECONDS):
         if time.monotonic() > deadline:
             raise RebuildError(f"{K.PAUSE_KEY} held by another rebuild for {WAIT_SECONDS:.0f} s")
         time.sleep(0.1)
@@ -252,7 +262,7 @@ def _pause(r: redis.Redis) -> str:
 
 
 def _renew(r: redis.Redis, token: str) -> None:
-    if not r.eval(_RENEW, 1, K.PAUSE_KEY, token, PAUSE_MS):
+    if not r.eval(_RENEW, 1, K.PAUSE_KEY, token, PAUSE_SECONDS):
         raise RebuildError(f"{K.PAUSE_KEY} expired while the rebuild read; run it again")
 
 

@@ -12,7 +12,7 @@
 -- there is any, nothing was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
 -- While the pause key exists (a rebuild from the raw tables is writing, hvs/rebuild.py), nothing
 -- is changed and the status PAUSED is returned: the consumer waits and applies the batch after.
-if redis.call('EXISTS', ARGV[1]) == 1 then return redis.status_reply('PAUSED') end
+if redis.call('HLEN', ARGV[1]) > 0 then return redis.status_reply('PAUSED') end
 local ttl = ARGV[2]
 local nfiles = tonumber(ARGV[3])
 local dups, files = {}, {}

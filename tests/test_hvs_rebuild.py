@@ -182,7 +182,7 @@ def test_the_consumer_changes_nothing_while_paused(stack, redis_client):
         "event_datetime": "2024-01-01 05:00:00.000000",
     }
     batch = [msg("cdr-data", orjson.dumps(e))]
-    redis_client.set(K.PAUSE_KEY, "someone")
+    redis_client.hset(K.PAUSE_KEY, "owner", "someone")
     with pytest.raises(Paused):
         hvs.process(batch)
     assert redis_client.keys("hvs:u:*") == [] and redis_client.keys("hvs:seen:*") == []
