@@ -111,6 +111,12 @@ class StackSettings(BaseSettings):
     redis_tick_sink_password: str = DEV_REDIS_PASSWORDS["tick_sink"]
     redis_sources_password: str = DEV_REDIS_PASSWORDS["sources"]
     redis_exporter_password: str = DEV_REDIS_PASSWORDS["exporter"]
+    redis_maxmemory_mb: int = Field(
+        default=2048,
+        ge=16,
+        description="Redis `maxmemory` (HVS and stream together), with `noeviction`: when full, "
+        "writes fail and are retried as an outage; no key is ever evicted in silence",
+    )
     sftp_port: int = 10022
     sftp_user: str = Field(
         default="",

@@ -2,6 +2,7 @@
 
     python -m hvs              # follow the stream until SIGTERM / Ctrl-C
     python -m hvs --drain      # apply what is on the stream, then exit
+    python -m hvs rebuild --from 2024-01-01 --to 2024-01-02   # days rebuilt from the raw tables
 
 Per msisdn, day, category and usage type it keeps events, bytes (up, down, total), call seconds
 and the cost in ZAR and WAK (hvs/keys.py has the layout, docs/usage-api.md the rules).
@@ -15,6 +16,6 @@ at most what then turns out to be already applied.
 
 Modules: `keys` (the key layout, shared with the API), `settings`, `decode` (the one decoder of
 each message kind), `pricing` (costs in ZAR and WAK, the as-of rates), `store` (applying batches
-to Redis; its Lua script is `store.lua`), `metrics`, `runner` (the poll/apply/commit loop) and
-`__main__` (the command line).
+to Redis; its Lua script is `store.lua`), `metrics`, `runner` (the poll/apply/commit loop),
+`rebuild` (days rebuilt from the raw tables) and `__main__` (the command line).
 """

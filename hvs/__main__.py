@@ -1,8 +1,10 @@
-"""`python -m hvs`: the HVS consumer from the command line (one process, or a group of N)."""
+"""`python -m hvs`: the HVS consumer from the command line (one process, or a group of N), and
+`python -m hvs rebuild`: days of the HVS rebuilt from the raw tables."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -10,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import date
 from typing import Any
 
 from prometheus_client import REGISTRY
@@ -17,6 +20,7 @@ from prometheus_client import REGISTRY
 from common.logs import setup_logging
 from common.service import serve_metrics, stop_on_signals
 from common.settings import redacted
+from hvs.rebuild import rebuild
 from hvs.runner import run, tune_gc
 from hvs.settings import HvsSettings
 
@@ -56,11 +60,52 @@ def _supervise(settings: HvsSettings, processes: int, drain: bool) -> int:
     return max(128 - code if code < 0 else code for code in codes)  # killed by a signal: 128+N
 
 
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a day (YYYY-MM-DD): {text!r}") from None
+
+
+def rebuild_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m hvs rebuild",
+        description="Rebuild the HVS for a range of days from the raw tables in Postgres "
+        "(cdr_data, forex_data), while the consumer runs: each day's usage is replaced by the "
+        "raw rows priced as the consumer prices them, and their events are marked applied so "
+        "that the consumer does not count them again. Idempotent. Runbook: "
+        "docs/failure-handling.md (WTC_ANALYTICS_DSN, REDIS_URL, HVS_* settings).",
+    )
+    parser.add_argument("--from", dest="first", type=_day, required=True, help="first day")
+    parser.add_argument("--to", dest="last", type=_day, required=True, help="last day, included")
+    args = parser.parse_args(argv)
+    if args.last < args.first:
+        parser.error("--to is before --from")
+    setup_logging()
+    t0 = time.monotonic()
+    reports = rebuild(HvsSettings(), args.first, args.last)
+    for report in reports:
+        print(json.dumps(report.as_dict()))
+    log.info(
+        "hvs rebuilt",
+        extra={
+            "days": len(reports),
+            "events": sum(r.events for r in reports),
+            "seconds": round(time.monotonic() - t0, 3),
+        },
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rebuild"]:
+        return rebuild_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m hvs",
         description="HVS consumer: CDR events and ticks from the stream into daily usage in Redis "
-        "(REDIS_URL, STREAM_URL, HVS_* settings).",
+        "(REDIS_URL, STREAM_URL, HVS_* settings). `python -m hvs rebuild --help`: rebuild days "
+        "of the HVS from the raw tables.",
     )
     parser.add_argument("--drain", action="store_true", help="exit once the stream is empty")
     parser.add_argument("--batch-size", type=int, help="messages per batch (HVS_BATCH_SIZE)")

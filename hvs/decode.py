@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -217,13 +218,17 @@ def decode_tick(msg: Message, window: TickWindow | None = None) -> TickEvent:
     the HVS keeps it: hour, 10 ms slot and bid + ask in 1e-10 units. Raises BadInput (a
     `BadTick`) with the reason."""
     t = tick_format.decode_tick(msg.value, PAIRS, window or _DEFAULT_WINDOW)
-    ts = t.tick_ts
+    return tick_event(t.pair_name, t.tick_ts, t.bid_price, t.ask_price)
+
+
+def tick_event(pair: str, ts: datetime, bid: Decimal, ask: Decimal) -> TickEvent:
+    """A decoded tick as the HVS keeps it (the stream's and the rebuild's, from the raw table)."""
     ms = (ts.minute * 60 + ts.second) * 1000 + ts.microsecond // 1000
     return TickEvent(
-        pair=t.pair_name,
+        pair=pair,
         hour=ts.strftime("%Y%m%d%H"),
         slot=ms // K.FX_SLOT_MS,
-        price_sum=K.to_units(t.bid_price) + K.to_units(t.ask_price),
+        price_sum=K.to_units(bid) + K.to_units(ask),
     )
 
 

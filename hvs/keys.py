@@ -15,6 +15,8 @@ All keys live in the HVS database (REDIS_URL, db 0) under the prefix `hvs:`.
   waiting for that hour's rate.
 - `hvs:rejected` (list): rejected stream messages (JSON: topic, position, reason, value), newest
   first, capped at `REJECTED_MAX`.
+- `hvs:pause` (hash, field `owner`, expires): set while a rebuild from the raw tables writes a
+  day; the consumer's apply script changes nothing while it exists (hvs/rebuild.py).
 
 Metrics of a usage field: `ev` events, `up` / `dn` / `by` up, down and total bytes (data only),
 `s` call seconds (calls only), `zar` cost in ZAR and `wak` cost in WAK, both integers in units of
@@ -39,6 +41,7 @@ FX_KEY = f"{PREFIX}fx"
 PENDING_INDEX = f"{PREFIX}wakpend"
 REJECTED_KEY = f"{PREFIX}rejected"
 REJECTED_MAX = 10_000
+PAUSE_KEY = f"{PREFIX}pause"
 FX_SLOT_MS = 10
 """Tick de-duplication resolution: ticks of one pair are >= 400 ms apart by the data contract."""
 
@@ -117,6 +120,11 @@ def parse_pending_entry(field: bytes, value: bytes) -> tuple[str, str, str, int]
     if zar is None:
         return "value is not an integer"
     return key, category, usage_type, zar
+
+
+def usage_pattern(day: str) -> str:
+    """SCAN pattern of every usage hash of `day` (`YYYYmmdd`): used by the rebuild only."""
+    return f"{PREFIX}u:*:{day}"
 
 
 def fx_seen_key(pair: str, hour: str) -> str:

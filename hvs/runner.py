@@ -22,7 +22,7 @@ import redis
 from common.service import backoff
 from hvs.metrics import BATCH_SECONDS, ERRORS, LAG, RATE
 from hvs.settings import HvsSettings
-from hvs.store import BatchResult, Hvs, Prepared
+from hvs.store import BatchResult, Hvs, Paused, Prepared
 from ingestion.stream import Consumer, Message, StreamError, open_consumer
 
 log = logging.getLogger("hvs.runner")
@@ -31,6 +31,9 @@ log = logging.getLogger("hvs.runner")
 DRAIN_GRACE = 10.0
 """--drain: with the lag unknown (Kafka before its assignment), stop after this long idle."""
 
+
+PAUSE_POLL = 0.05
+"""Seconds between attempts while a rebuild holds the HVS (`hvs:pause`)."""
 
 T = TypeVar("T")
 
@@ -43,9 +46,16 @@ def _retry(stop: threading.Event, what: str, fn: Callable[[], T]) -> T:
     """`fn()` until it succeeds; Redis or the stream unreachable is retried with backoff, never
     skipped. Raises `_Stopped` when `stop` is set while waiting."""
     attempt = 0
+    paused = False
     while True:
         try:
             return fn()
+        except Paused:  # a rebuild writes a day (seconds): wait for it, no error
+            if not paused:
+                log.info(f"{what}: the HVS is paused by a rebuild, waiting")
+                paused = True
+            if stop.wait(PAUSE_POLL):
+                raise _Stopped from None
         except (redis.RedisError, StreamError) as exc:
             attempt += 1
             ERRORS.labels(what).inc()

@@ -1,5 +1,5 @@
 -- One flat ARGV list, no JSON (decoding JSON in Lua cost as much as the increments):
---   ttl,
+--   pause key, ttl,
 --   nfiles, then per bitmap: key, nruns, first, last, ... (runs of consecutive offsets),
 --   nhashes, then per hash: key, nnew, nincr, then nnew + nincr times field, n,
 --   nsets, then per member: set key, member.
@@ -10,10 +10,13 @@
 -- instead of up to five). The other `nincr` fields are HINCRBY'd. Returns, for the bits that
 -- were set already, `bitmap number, offset` pairs (1-based bitmap number, in ARGV order); if
 -- there is any, nothing was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
-local ttl = ARGV[1]
-local nfiles = tonumber(ARGV[2])
+-- While the pause key exists (a rebuild from the raw tables is writing, hvs/rebuild.py), nothing
+-- is changed and the status PAUSED is returned: the consumer waits and applies the batch after.
+if redis.call('HLEN', ARGV[1]) > 0 then return redis.status_reply('PAUSED') end
+local ttl = ARGV[2]
+local nfiles = tonumber(ARGV[3])
 local dups, files = {}, {}
-local i = 3
+local i = 4
 local function getbits(key, f, offs)
   local n = #offs
   for s = 1, n, 1000 do

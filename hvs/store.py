@@ -47,6 +47,11 @@ APPLY_LUA = files("hvs").joinpath("store.lua").read_text()
 """The apply script; its header comment describes its ARGV layout."""
 
 
+class Paused(redis.RedisError):
+    """A rebuild from the raw tables holds the HVS (`hvs:pause`): nothing was changed; apply the
+    same work again shortly (the runner waits without counting an error)."""
+
+
 @dataclass
 class BatchResult:
     applied: int = 0
@@ -184,7 +189,7 @@ class Hvs:
         `bits`: bitmap key -> {offset: item number}; `incr`: `hashes` times key, nnew, nincr,
         field, n, ... (see APPLY_LUA)
         """
-        args: list[str | int] = [self._ttl, len(bits)]
+        args: list[str | int] = [K.PAUSE_KEY, self._ttl, len(bits)]
         for key, offsets in bits.items():
             runs = _runs(sorted(offsets))
             args += (key, len(runs) // 2, *runs)
@@ -194,6 +199,8 @@ class Hvs:
         for member in sadd:
             args += member
         got = self._call_script(args)
+        if got in (b"PAUSED", "PAUSED"):
+            raise Paused("a rebuild of the HVS is writing")
         if not got:
             return set()
         maps = list(bits.values())

@@ -58,6 +58,18 @@ def message_sql(kind_name: str) -> str:
     return _ROWS_SQL[kind_name]
 
 
+def range_sql(kind_name: str) -> str:
+    """The query returning the JSON value of every landed row of a kind whose event time is in
+    `[%(start)s, %(end)s)` and whose file is not in the text array `%(skip)s`: the messages the
+    loader published for them, read again by the HVS rebuild."""
+    kind = KINDS[kind_name]
+    return (  # names from the kind's own constants, values as parameters
+        f"select {_json_sql(kind)} from {kind.table}"  # noqa: S608
+        f" where {kind.event_time} >= %(start)s and {kind.event_time} < %(end)s"
+        " and source_file <> all(%(skip)s::text[])"
+    )
+
+
 def publish_file(
     conn: psycopg.Connection, producer: Producer, file_name: str, kind_name: str, sha256: str
 ) -> int:

@@ -19,7 +19,7 @@ class MonitoringSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     prometheus_port: int = 19090
-    alertmanager_port: int = 19093
+    alertmanager_port: int = 19097  # 19092-19094 are the Kafka path's brokers
     pushgateway_port: int = 19091
     postgres_exporter_port: int = 19187
     redis_exporter_port: int = 19121
@@ -60,6 +60,10 @@ class MonitoringSettings(BaseSettings):
         default=100_000, gt=0, description="stream entries a consumer may be behind"
     )
     consumer_lag_for: str = Field(default="10m", pattern=DURATION)
+    redis_memory_ratio: float = Field(
+        default=0.85, gt=0, le=1, description="share of Redis `maxmemory` in use"
+    )
+    redis_memory_for: str = Field(default="5m", pattern=DURATION)
     marts_stale_seconds: float = Field(
         default=6 * 3600, gt=0, description="age of the last successful dbt build"
     )

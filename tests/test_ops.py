@@ -124,3 +124,23 @@ def test_demo_env_on_the_kafka_path_names_the_brokers_and_connect(tmp_path):
         assert process_env(s, process)["STREAM_URL"] == s.redis_url_for(process, 1)
         assert process_env(s, process, kafka)["STREAM_URL"] == env["STREAM_URL"]
     assert "STREAM_URL" not in process_env(s, "crm_cdc", kafka)
+
+
+def test_the_default_ports_of_every_part_are_distinct():
+    """The embedded stack, the Kafka path, monitoring and the services' metrics all run on one
+    machine at once (`make demo STREAM=kafka`): no two default ports may be the same."""
+    from hvs.settings import HvsSettings
+    from ingestion.cdr_loader import LoaderSettings
+    from ingestion.crm_cdc import CdcSettings
+    from ingestion.tick_sink import TickSinkSettings
+    from monitoring.settings import MonitoringSettings
+    from ops.stack.kafka import KafkaSettings
+
+    s, k, m = StackSettings(), KafkaSettings(), MonitoringSettings()
+    ports = [s.pg_port, s.redis_port, s.sftp_port, s.api_port, s.docs_port]
+    ports += [*k.broker_ports, *k.controller_ports, k.connect_port]
+    ports += [getattr(m, name) for name in type(m).model_fields if name.endswith("_port")]
+    ports += [
+        cls().metrics_port for cls in (LoaderSettings, TickSinkSettings, CdcSettings, HvsSettings)
+    ]
+    assert len(ports) == len(set(ports)), sorted(p for p in ports if ports.count(p) > 1)

@@ -118,6 +118,13 @@ def test_bootstrap_is_idempotent(stack):
 
 def test_servers_answer_on_loopback(stack):
     assert redis.Redis.from_url(stack.redis_url).ping()
+
+
+def test_redis_never_evicts_and_has_its_maxmemory(stack):
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    config = client.config_get("maxmemory*")
+    assert config["maxmemory-policy"] == "noeviction"
+    assert int(config["maxmemory"]) == stack.settings.redis_maxmemory_mb * 1024 * 1024
     transport = paramiko.Transport(("127.0.0.1", stack.settings.sftp_port))
     try:
         transport.connect(username=stack.settings.sftp_user, password=stack.settings.sftp_password)

@@ -52,7 +52,7 @@ RULES: dict[str, str] = {
     "admin": "~* &* +@all",
     "hvs": (
         f"{_keys(HVS_PREFIX + '*')} {_CONNECT} +@hash +@bitmap +@set +@list +setrange +expire "
-        "+del +eval +evalsha +script|load +@transaction -@admin -@dangerous "
+        "+del +eval +evalsha +script|load +@transaction -@admin -@dangerous +scan "
         f"{_consumer(*CDR_STREAMS, TICK_STREAM)}"
     ),
     "api": f"{_keys(usage_key('*', '*'), mode='%R')} {_CONNECT} +hgetall",
