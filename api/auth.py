@@ -6,9 +6,10 @@ A hash is `pbkdf2_sha256$<iterations>$<salt base64>$<digest base64>`; make one w
 is checked against a dummy hash so that the answer takes as long as for a known one.
 
 PBKDF2 is deliberately slow (about 30 ms here), too slow to run on every request, so a
-successful check is remembered as a keyed SHA-256 of the password (`_verified`, one entry per
-user, held in memory only): a repeated correct password costs one HMAC, a wrong one always pays
-the full PBKDF2.
+successful check is remembered for a short while (`cache_seconds`) as a keyed SHA-256 of the
+password (`_verified`, one entry per user, held in memory only): a repeated correct password
+costs one HMAC, a wrong one always pays the full PBKDF2. `FailureLimiter` counts failed logins
+per client so that a client that keeps failing is turned away before any PBKDF2 is spent.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import hashlib
 import hmac
 import os
 import sys
+import time
+from collections import deque
 
 ALGORITHM = "pbkdf2_sha256"
 DEFAULT_ITERATIONS = 100_000
@@ -84,13 +87,14 @@ def parse_users(spec: str) -> dict[str, str]:
 class Authenticator:
     """Checks basic-auth credentials against the configured users."""
 
-    def __init__(self, users: dict[str, str]) -> None:
+    def __init__(self, users: dict[str, str], cache_seconds: float = 300.0) -> None:
         self._users = users
+        self._cache_seconds = cache_seconds
         self._dummy = hash_password(
             "not a password", iterations=_parse_hash(next(iter(users.values())))[0]
         )
         self._key = os.urandom(32)
-        self._verified: dict[str, bytes] = {}
+        self._verified: dict[str, tuple[bytes, float]] = {}
 
     def _tag(self, user: str, password: str) -> bytes:
         return hmac.new(self._key, f"{user}\x00{password}".encode(), hashlib.sha256).digest()
@@ -98,9 +102,13 @@ class Authenticator:
     def check_cached(self, user: str, password: str) -> bool | None:
         """True if these credentials were verified before; None if a full check is needed."""
         known = self._verified.get(user)
-        if known is not None and hmac.compare_digest(known, self._tag(user, password)):
-            return True
-        return None
+        if known is None:
+            return None
+        tag, until = known
+        if time.monotonic() >= until:
+            self._verified.pop(user, None)
+            return None
+        return True if hmac.compare_digest(tag, self._tag(user, password)) else None
 
     def check(self, user: str, password: str) -> bool:
         """The full check (PBKDF2): slow on purpose; remembers success."""
@@ -111,9 +119,59 @@ class Authenticator:
             verify_password(password, self._dummy)
             return False
         if verify_password(password, encoded):
-            self._verified[user] = self._tag(user, password)
+            until = time.monotonic() + self._cache_seconds
+            self._verified[user] = (self._tag(user, password), until)
             return True
         return False
+
+
+class FailureLimiter:
+    """Failed logins per client in a sliding window: a client with `limit` failures in the last
+    `window` seconds is refused until its oldest failure leaves the window. At most
+    `max_clients` are tracked (the quietest are forgotten first), so a flood from many addresses
+    cannot grow memory without bound."""
+
+    def __init__(self, limit: int, window: float = 60.0, max_clients: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, client: str, now: float | None = None) -> int:
+        """Whole seconds until `client` may try again; 0 when it may try now."""
+        failures = self._failures.get(client)
+        if failures is None or self.limit <= 0:
+            return 0
+        now = time.monotonic() if now is None else now
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if not failures:
+            del self._failures[client]
+            return 0
+        if len(failures) < self.limit:
+            return 0
+        return max(1, int(failures[0] + self.window - now + 0.999))
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        """Count one failed login of `client`."""
+        if self.limit <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        failures = self._failures.get(client)
+        if failures is None:
+            if len(self._failures) >= self.max_clients:
+                self._forget(now)
+            failures = self._failures[client] = deque(maxlen=self.limit)
+        failures.append(now)
+
+    def _forget(self, now: float) -> None:
+        """Drop clients with no failure in the window; if none, the one idle longest."""
+        stale = [c for c, f in self._failures.items() if not f or f[-1] <= now - self.window]
+        for client in stale:
+            del self._failures[client]
+        if not stale:
+            oldest = min(self._failures, key=lambda c: self._failures[c][-1])
+            del self._failures[oldest]
 
 
 def main(argv: list[str] | None = None) -> int:

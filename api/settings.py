@@ -29,6 +29,32 @@ class ApiSettings(Connections):
     )
     realm: str = Field(default="wtc-usage", alias="API_REALM")
     redis_max_connections: int = Field(default=64, alias="API_REDIS_MAX_CONNECTIONS")
+    auth_failures_per_minute: int = Field(
+        default=10,
+        ge=0,
+        alias="API_AUTH_FAILURES_PER_MINUTE",
+        description="failed logins a client may make in 60 s before it gets 429 (0 = no limit)",
+    )
+    auth_cache_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        alias="API_AUTH_CACHE_SECONDS",
+        description="how long a verified login is remembered (0 = verify every request)",
+    )
+    auth_threads: int = Field(
+        default=2,
+        ge=1,
+        alias="API_AUTH_THREADS",
+        description="password-hash checks run at once, in worker threads (the rest queue)",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        alias="API_METRICS_HOST",
+        description="address of the Prometheus endpoint (its own port, not the API's)",
+    )
+    metrics_port: int = Field(
+        default=19106, ge=0, alias="API_METRICS_PORT", description="0 = no metrics endpoint"
+    )
 
     @model_validator(mode="after")
     def _no_dev_users_in_production(self) -> ApiSettings:

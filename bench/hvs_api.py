@@ -13,6 +13,11 @@ Redis memory per subscriber-day. Prints figures and ratios; never fails on a tim
    HTTP/1.1 keep-alive client in this process: closed-loop throughput (rps) with 32
    connections, then an open-loop 500 requests/s run for p50/p99 (latency from the scheduled
    send time, so a stall is not hidden).
+   Then a wrong-password flood: 32 connections from 32 loopback addresses (127.0.1.x, one
+   client each) send wrong passwords back to back while a valid user sends 200 requests/s
+   (open loop); the valid user's p50/p99 with no flood, with the flood under the failed-login
+   limit (the default 10 a minute), and with the limit off (every wrong password costs a full
+   PBKDF2 check).
 3. Memory: Redis `used_memory` growth and `MEMORY USAGE` of the usage hashes, per
    subscriber-day.
 """
@@ -378,7 +383,68 @@ async def _request_loop(port: int, paths: list[bytes], auth: bytes, stop_at: flo
         writer.close()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def _flood_loop(port: int, path: bytes, address: str, stop_at: float, counts: dict):
+    """Wrong passwords back to back from one client address; counts the answers by status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
+    wrong = b"Authorization: Basic " + base64.b64encode(b"wtc:wrong-" + address.encode())
+    try:
+        while time.perf_counter() < stop_at:
+            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: bench\r\n" + wrong + b"\r\n\r\n")
+            status = await _read_response(reader, ok=(401, 429))
+            counts[status] = counts.get(status, 0) + 1
+    finally:
+        writer.close()
+
+
+async def flood(port: int, paths, auth: bytes, seconds: float, flooders: int) -> dict:
+    """A valid user at 200 requests/s (open loop) during a wrong-password flood from
+    `flooders` client addresses; the valid user's latency and the flood's answers."""
+    counts: dict[int, int] = {}
+    stop_at = time.perf_counter() + seconds + 0.5
+    tasks = [
+        asyncio.create_task(_flood_loop(port, paths[0], f"127.0.1.{i + 1}", stop_at, counts))
+        for i in range(flooders)
+    ]
+    await asyncio.sleep(0.2)  # the flood is on before the first measured request
+    valid = await open_loop(port, paths, auth, 200, seconds)
+    await asyncio.gather(*tasks)
+    return {**valid, "flood_answers": dict(sorted(counts.items()))}
+
+
+def bench_flood(redis_url: str, keys: list[str], seconds: float, flooders: int = 32) -> dict:
+    """The valid user's p99 with no flood, with a flood under the failed-login limit and with
+    a flood and the limit off, each on a fresh API process (fresh limiter)."""
+    auth = b"Authorization: Basic " + base64.b64encode(b"wtc:wtc-dev") + b"\r\n"
+    paths = [_api_path(k) for k in keys]
+    out: dict = {}
+    for name, limit, flooding in (("no_flood", "10", 0), ("flood_limited", "10", flooders),
+                                  ("flood_no_limit", "0", flooders)):  # fmt: skip
+        port = free_port()
+        env = dict(os.environ, REDIS_URL=redis_url, API_AUTH_FAILURES_PER_MINUTE=limit,
+                   API_METRICS_PORT="0")  # fmt: skip
+        proc = serve("api.app:app", port, env)
+        try:
+
+            async def go(port: int = port, flooding: int = flooding) -> dict:
+                await closed_loop(port, paths, auth, 0.5, 4)  # warm up, the login cached
+                if not flooding:
+                    return await open_loop(port, paths, auth, 200, seconds)
+                return await flood(port, paths, auth, seconds, flooding)
+
+            out[name] = asyncio.run(go())
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+    return out
+
+
+def _api_path(key: str) -> bytes:
+    _, _, msisdn, day = key.split(":")
+    end = (datetime.strptime(day, "%Y%m%d") + timedelta(days=1)).strftime("%Y%m%d%H%M%S")
+    return f"/data_usage?msisdn={msisdn}&start_time={day}000000&end_time={end}".encode()
+
+
+async def _read_response(reader: asyncio.StreamReader, ok: tuple[int, ...] = (200,)) -> int:
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     length = 0
@@ -386,7 +452,7 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
         if line[:15].lower() == b"content-length:":
             length = int(line[15:])
     await reader.readexactly(length)
-    if status != 200:
+    if status not in ok:
         raise RuntimeError(f"HTTP {status}: {head[:200]!r}")
     return status
 
@@ -446,19 +512,14 @@ KINDS = ("bare_closed", "api_closed", "bare_open_500", "api_open_500")
 
 
 def bench_api(redis_url: str, keys: list[str], seconds: float, conns: int, rounds: int = 3) -> dict:
-    env = dict(os.environ, REDIS_URL=redis_url)
+    env = dict(os.environ, REDIS_URL=redis_url, API_METRICS_PORT="0")
     api_port, bare_port = free_port(), free_port()
     api = serve("api.app:app", api_port, env)
     bare = serve("bench.hvs_api:bare_app", bare_port, env)
     auth = b"Authorization: Basic " + base64.b64encode(b"wtc:wtc-dev") + b"\r\n"
     api_paths, bare_paths = [], []
     for k in keys:
-        _, _, msisdn, day = k.split(":")
-        d = datetime.strptime(day, "%Y%m%d")
-        end = (d + timedelta(days=1)).strftime("%Y%m%d%H%M%S")
-        api_paths.append(
-            f"/data_usage?msisdn={msisdn}&start_time={day}000000&end_time={end}".encode()
-        )
+        api_paths.append(_api_path(k))
         bare_paths.append(f"/bare?key={k}".encode())
     out: dict = {}
     try:
@@ -548,6 +609,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {o['sent']} requests at {o['rate']:.0f}/s: p50 {o['p50_ms']:.2f} ms, "
                   f"p99 {o['p99_ms']:.2f} ms (rounds: {o['all_p99_ms']}; goal p99 < 10 ms "
                   f"for the API)")  # fmt: skip
+        f = bench_flood(hvs_url, c["sample_keys"], args.seconds)
+        for name in ("no_flood", "flood_limited", "flood_no_limit"):
+            o = f[name]
+            print(f"valid user at 200/s, {name}: p50 {o['p50_ms']:.2f} ms, p99 {o['p99_ms']:.2f} "
+                  f"ms; flood answers {o.get('flood_answers', {})} (goal p99 < 20 ms)")  # fmt: skip
         print(f"load average during the run: {os.getloadavg()[0]:.2f} (2 cores, shared)")
     finally:
         if private:

@@ -62,7 +62,7 @@ COMPOSE_TARGETS = Targets(
         "cdr_loader": ["cdr-loader:19101"],
         "tick_sink": ["tick-sink:19102"],
         "hvs": ["hvs:19104"],
-        "api": ["api:18089"],
+        "api": ["api:19106"],  # the API's metrics port (API_METRICS_PORT), not its HTTP port
         "drop_probe": ["drop-probe:19105"],
     },
     alertmanager="alertmanager:9093",
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             "tick_sink": 19102,
             "crm_cdc": 19103,
             "hvs": 19104,
-            "api": 18089,
+            "api": 19106,  # API_METRICS_PORT
             "drop_probe": s.drop_probe_port,
         }
         targets = local_targets(s, {job: f"{s.host}:{port}" for job, port in defaults.items()})

@@ -48,4 +48,4 @@ forbidden_modules = ["hvs"]
     run = lint_imports(str(config))
     assert run.returncode != 0, run.stdout
     assert "api does not import hvs BROKEN" in run.stdout
-    assert "api.app -> hvs.keys" in run.stdout
+    assert "api.routes -> hvs.keys" in run.stdout

@@ -100,6 +100,7 @@ def test_rules_and_dashboards_parse_and_name_only_scraped_metrics(
     settings = fast_settings()
     ports = {job: free_port() for job in ("cdr_loader", "tick_sink", "crm_cdc", "hvs", "api")}
     services = {job: f"127.0.0.1:{port}" for job, port in ports.items()}
+    api_port = free_port()  # the API's HTTP port; Prometheus scrapes its metrics port
     services["drop_probe"] = f"127.0.0.1:{settings.drop_probe_port}"
     monitoring = Monitoring(stack.settings, settings, services=services, cdr_dir=directory)
     slot = f"wtc_mon_{uuid.uuid4().hex[:8]}"
@@ -117,6 +118,7 @@ def test_rules_and_dashboards_parse_and_name_only_scraped_metrics(
         "TICK_SINK_METRICS_PORT": str(ports["tick_sink"]),
         "CRM_CDC_METRICS_PORT": str(ports["crm_cdc"]),
         "HVS_METRICS_PORT": str(ports["hvs"]),
+        "API_METRICS_PORT": str(ports["api"]),
         "WTC_LOG_FORMAT": "json",
     }
     commands = {
@@ -126,7 +128,7 @@ def test_rules_and_dashboards_parse_and_name_only_scraped_metrics(
                     "--metrics-port", str(ports["crm_cdc"])],
         "hvs": ["-m", "hvs"],
         "api": ["-m", "uvicorn", "api.app:app", "--host", "127.0.0.1",
-                "--port", str(ports["api"]), "--no-access-log"],
+                "--port", str(api_port), "--no-access-log"],
     }  # fmt: skip
     files = list(
         cdr_files(
@@ -162,7 +164,7 @@ def test_rules_and_dashboards_parse_and_name_only_scraped_metrics(
              "--stream-url", stack.stream_url],
             cwd=PROJECT_ROOT, env=env, check=True, capture_output=True,
         )  # fmt: skip
-        api = f"http://127.0.0.1:{ports['api']}"
+        api = f"http://127.0.0.1:{api_port}"
         wait_for(lambda: _answers(f"{api}/health"), "the usage API")
         httpx.get(f"{api}/data_usage", timeout=5)  # 401 without a login: a counted request
         # a real dbt build and freshness check, pushed as `make demo` pushes them
