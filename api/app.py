@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -146,6 +147,18 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         return _json({"detail": validation_detail(exc)}, 400)
 
     app.include_router(router)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schemes = spec.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["HTTPBasic"] = {"type": "http", "scheme": "basic"}
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(Metrics)
     return app
 

@@ -10,7 +10,7 @@ from datetime import date
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
@@ -114,14 +114,15 @@ def usage_items(day: date, raw: K.UsageHash, query: UsageQuery | None = None) ->
     responses=ERRORS,
     summary="Daily usage of a subscriber",
     dependencies=[Depends(user)],
+    openapi_extra={"security": [{"HTTPBasic": []}]},
 )
 async def data_usage(
-    query: Annotated[UsageQuery, Depends(usage_query)],
-    hvs: Annotated[Store, Depends(store)],
+    request: Request, query: Annotated[UsageQuery, Depends(usage_query)]
 ) -> Response:
     """Usage per day, category and usage type for every day that [start_time, end_time)
     touches (whole days: the store keeps daily totals). Unknown msisdn: empty usage."""
     days = query.days
+    hvs: Store = request.app.state.store  # not a dependency on the hot path (measured)
     try:
         hashes = await hvs.hashes(K.usage_keys(query.msisdn, days))
     except RedisError:
