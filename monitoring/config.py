@@ -64,6 +64,9 @@ COMPOSE_TARGETS = Targets(
         "hvs": ["hvs:19104"],
         "api": ["api:19106"],  # the API's metrics port (API_METRICS_PORT), not its HTTP port
         "drop_probe": ["drop-probe:19105"],
+        # the Connect worker's JMX exporter agent (docker/connect.Dockerfile); the brokers run the
+        # stock apache/kafka image, which has no agent (docs/monitoring.md, "Kafka path")
+        "kafka_connect": ["connect:19114"],
     },
     alertmanager="alertmanager:9093",
     receiver_url="http://alert-receiver:19095/alerts",
@@ -118,9 +121,12 @@ def render(out: Path, s: MonitoringSettings, targets: Targets) -> dict[str, Path
     return files
 
 
-def local_targets(s: MonitoringSettings, services: dict[str, str]) -> Targets:
-    """The local stack's jobs: the monitoring processes on `s.host`, and `services` (job:
-    `host:port`) for the project's processes."""
+def local_targets(
+    s: MonitoringSettings, services: dict[str, str], more: dict[str, list[str]] | None = None
+) -> Targets:
+    """The local stack's jobs: the monitoring processes on `s.host`, `services` (job:
+    `host:port`) for the project's processes, and `more` (job: `host:port` list) such as the
+    Kafka path's JMX exporter agents."""
     own = {
         "prometheus": s.prometheus_port,
         "alertmanager": s.alertmanager_port,
@@ -131,6 +137,7 @@ def local_targets(s: MonitoringSettings, services: dict[str, str]) -> Targets:
     }
     jobs = {job: [f"{s.host}:{port}"] for job, port in own.items()}
     jobs.update({job: [address] for job, address in services.items()})
+    jobs.update({job: list(addresses) for job, addresses in (more or {}).items()})
     return Targets(
         jobs=jobs,
         alertmanager=f"{s.host}:{s.alertmanager_port}",

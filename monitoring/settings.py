@@ -77,3 +77,7 @@ class MonitoringSettings(BaseSettings):
         default=1024**3, gt=0, description="WAL a replication slot holds back"
     )
     wal_for: str = Field(default="30m", pattern=DURATION)
+    connect_failed_for: str = Field(
+        default="1m", pattern=DURATION, description="a Connect task or connector FAILED this long"
+    )
+    kafka_partitions_for: str = Field(default="5m", pattern=DURATION)

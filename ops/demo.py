@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         if kafka is not None:
             kafka.start()
+            if stack.s.monitoring:
+                stack.monitoring.scrape_kafka(kafka)
         env_file = stack.state / "demo.env"
         write_env_file(env_file, env)
         env_dir = write_process_env_files(stack, kafka)

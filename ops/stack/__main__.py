@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                 stack.start()
                 if args.stream == "kafka":
                     kafka.start()
+                    if stack.s.monitoring:
+                        stack.monitoring.scrape_kafka(kafka)
             case "stop":
                 stack.stop_processes()  # the consumers and loaders before their brokers
                 kafka.stop()

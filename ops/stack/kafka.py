@@ -14,7 +14,10 @@ Everything runs from the pinned jars that `make setup` fetched (`ops.stack.jvm`)
   RF 3) and exactly the two plugins of the manifest on its `plugin.path`.
 
 Each has a bounded heap, a log in `<state>/run/`, a health check and a graceful stop (SIGTERM:
-a broker's controlled shutdown, the worker's rebalance-free exit).
+a broker's controlled shutdown, the worker's rebalance-free exit). Each carries Prometheus' JMX
+exporter as a Java agent (`<cache>/agents/`, rules in `monitoring/jmx/`), serving its metrics on
+127.0.0.1 at `WTC_KAFKA_BROKER_METRICS_PORTS` / `WTC_KAFKA_CONNECT_METRICS_PORT`; Prometheus
+scrapes them as the jobs `kafka` and `kafka_connect` (`scrape_jobs()`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ NODES = 3
 TOPICS_SCRIPT = PROJECT_ROOT / "docker" / "kafka" / "create-topics.sh"
 WORKER_PROPERTIES = PROJECT_ROOT / "docker" / "kafka" / "connect-distributed.properties"
 PROJECT_TOPIC_CONFIG = {"min.insync.replicas": "2"}
+JMX_RULES = PROJECT_ROOT / "monitoring" / "jmx"
 
 LOG4J2 = """\
 status = warn
@@ -91,6 +95,9 @@ class KafkaSettings(BaseSettings):
     broker_ports: list[int] = Field(default=[19092, 19093, 19094])
     controller_ports: list[int] = Field(default=[19192, 19193, 19194])
     connect_port: int = 18083
+    # Prometheus' JMX exporter agent on each node and on the worker (0: no agent on it)
+    broker_metrics_ports: list[int] = Field(default=[19111, 19112, 19113])
+    connect_metrics_port: int = 19114
     # 2 cores, 24 GiB: small heaps leave the memory to Postgres' cache and the page cache.
     broker_heap: str = "-Xms256m -Xmx512m"
     connect_heap: str = "-Xms256m -Xmx768m"
@@ -103,6 +110,8 @@ def scratch_kafka_settings() -> KafkaSettings:
         broker_ports=[free_port() for _ in range(NODES)],
         controller_ports=[free_port() for _ in range(NODES)],
         connect_port=free_port(),
+        broker_metrics_ports=[free_port() for _ in range(NODES)],
+        connect_metrics_port=free_port(),
     )
 
 
@@ -160,9 +169,12 @@ class KafkaStack:
     ) -> None:
         self.stack_settings = stack_settings or StackSettings()
         self.s = settings or KafkaSettings()
-        if len(self.s.broker_ports) != NODES or len(self.s.controller_ports) != NODES:
+        if {len(self.s.broker_ports), len(self.s.controller_ports)} != {NODES} or len(
+            self.s.broker_metrics_ports
+        ) not in (0, NODES):
             raise StackError(
-                f"the cluster has {NODES} nodes: give {NODES} broker and controller ports"
+                f"the cluster has {NODES} nodes: give {NODES} broker, controller and "
+                "broker metrics ports"
             )
         self.host = self.stack_settings.host
         self.state = self.stack_settings.state_dir.resolve()
@@ -186,6 +198,15 @@ class KafkaStack:
     def connect_url(self) -> str:
         return f"http://{self.host}:{self.s.connect_port}"
 
+    def scrape_jobs(self) -> dict[str, list[str]]:
+        """Prometheus' jobs for the JMX exporter agents: `kafka` (the nodes) and
+        `kafka_connect` (the worker), as `host:port` lists; a port 0 is left out."""
+        jobs = {
+            "kafka": [f"{self.host}:{p}" for p in self.s.broker_metrics_ports if p],
+            "kafka_connect": [f"{self.host}:{p}"] if (p := self.s.connect_metrics_port) else [],
+        }
+        return {job: targets for job, targets in jobs.items() if targets}
+
     def node(self, index: int) -> JvmProcess:
         return JvmProcess(
             f"kafka-{index}", self.dir / f"kafka-{index}.pid", self.run_dir / f"kafka-{index}.log"
@@ -204,10 +225,24 @@ class KafkaStack:
                 "(or `python -m ops.stack jvm`) first"
             )
 
-    def _java(self, heap: str, main: list[str]) -> list[str]:
+    def jmx_agent(self) -> Path:
+        """The JMX exporter agent's jar in the cache (`make setup` fetched it)."""
+        jars = sorted((self.cache / "agents").glob("jmx_prometheus_javaagent-*.jar"))
+        if not jars:
+            raise StackError(f"no JMX exporter agent in {self.cache / 'agents'}: run `make setup`")
+        return jars[-1]
+
+    def _agent(self, port: int, rules: str) -> list[str]:
+        """`-javaagent:<jar>=host:port:<rules>`: the agent serves /metrics there (none for 0)."""
+        if not port:
+            return []
+        return [f"-javaagent:{self.jmx_agent()}={self.host}:{port}:{JMX_RULES / rules}"]
+
+    def _java(self, heap: str, main: list[str], agent: list[str] | None = None) -> list[str]:
         return [
             self.s.java,
             *heap.split(),
+            *(agent or []),
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20",
             "-XX:+ExitOnOutOfMemoryError",
@@ -308,16 +343,23 @@ class KafkaStack:
 
     def start_broker(self, index: int) -> int:
         proc = self.node(index)
+        metrics_port = self.s.broker_metrics_ports[index] if self.s.broker_metrics_ports else 0
         if read_pid(proc.pidfile) is None:
-            for port in (self.s.broker_ports[index], self.s.controller_ports[index]):
-                if port_open(self.host, port):
+            for port in (self.s.broker_ports[index], self.s.controller_ports[index], metrics_port):
+                if port and port_open(self.host, port):
                     raise StackError(
-                        f"port {port} for {proc.name} is taken by another program; "
-                        "set WTC_KAFKA_BROKER_PORTS / WTC_KAFKA_CONTROLLER_PORTS"
+                        f"port {port} for {proc.name} is taken by another program; set "
+                        "WTC_KAFKA_BROKER_PORTS / WTC_KAFKA_CONTROLLER_PORTS / "
+                        "WTC_KAFKA_BROKER_METRICS_PORTS"
                     )
         properties = self._node_properties(index)
         self._format(index, properties)
-        return self._launch(proc, self._java(self.s.broker_heap, ["kafka.Kafka", str(properties)]))
+        argv = self._java(
+            self.s.broker_heap,
+            ["kafka.Kafka", str(properties)],
+            self._agent(metrics_port, "kafka_broker.yml"),
+        )
+        return self._launch(proc, argv)
 
     def start_brokers(self, timeout: float = 120.0) -> None:
         self._check_ready()
@@ -349,13 +391,17 @@ class KafkaStack:
     def start_connect(self, timeout: float = 180.0) -> None:
         self._check_ready()
         proc = self.connect
-        if read_pid(proc.pidfile) is None and port_open(self.host, self.s.connect_port):
-            raise StackError(
-                f"port {self.s.connect_port} for Connect is taken; set WTC_KAFKA_CONNECT_PORT"
-            )
+        if read_pid(proc.pidfile) is None:
+            for port, name in (
+                (self.s.connect_port, "WTC_KAFKA_CONNECT_PORT"),
+                (self.s.connect_metrics_port, "WTC_KAFKA_CONNECT_METRICS_PORT"),
+            ):
+                if port and port_open(self.host, port):
+                    raise StackError(f"port {port} for Connect is taken; set {name}")
         argv = self._java(
             self.s.connect_heap,
             ["org.apache.kafka.connect.cli.ConnectDistributed", str(self._worker_properties())],
+            self._agent(self.s.connect_metrics_port, "kafka_connect.yml"),
         )
         # The connectors' ${env:WTC_PG_PASSWORD} is resolved from the worker's environment.
         self._launch(proc, argv, env={"WTC_PG_PASSWORD": self.stack_settings.pg_password})

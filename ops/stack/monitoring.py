@@ -22,6 +22,7 @@ from pathlib import Path
 from common.settings import PROJECT_ROOT, StackSettings
 from monitoring.config import POSTGRES_QUERIES, Targets, local_targets, render
 from monitoring.settings import MonitoringSettings
+from ops.stack.kafka import KafkaStack
 from ops.stack.process import (
     Component,
     StackError,
@@ -90,6 +91,7 @@ class Monitoring:
         self.cdr_dir = cdr_dir or os.environ.get("CDR_DIR", ".")
         self.s = settings or MonitoringSettings()
         self._services = services
+        self._kafka_jobs: dict[str, list[str]] = {}
         self.dir = stack.state_dir.resolve() / "monitoring"
         self.config_dir = self.dir / "config"
         self.run_dir = self.dir / "run"
@@ -104,10 +106,22 @@ class Monitoring:
         return f"http://{self.s.host}:{self.s.alertmanager_port}"
 
     def targets(self) -> Targets:
-        services = self._services
-        if services is None:
+        services, kafka_jobs = self._services, self._kafka_jobs
+        if services is None:  # the demo's processes on their configured ports
             services = service_targets(self.stack, self.s)
-        return local_targets(self.s, services)
+            if not kafka_jobs:  # a re-render while the Kafka path runs (`make start` after it)
+                kafka = KafkaStack(self.stack)
+                kafka_jobs = kafka.scrape_jobs() if kafka.any_running() else {}
+        return local_targets(self.s, services, kafka_jobs)
+
+    def scrape_kafka(self, kafka: KafkaStack) -> None:
+        """Scrape the Kafka path's JMX exporter agents too (jobs `kafka`, `kafka_connect`): the
+        configuration is rendered again and a running Prometheus reloads it."""
+        self._kafka_jobs = kafka.scrape_jobs()
+        render(self.config_dir, self.s, self.targets())
+        pid = read_pid(self._pidfile("prometheus"))
+        if pid is not None:
+            os.kill(pid, signal.SIGHUP)
 
     @staticmethod
     def missing_packages() -> list[str]:
