@@ -37,9 +37,9 @@ def _supervise(settings: HvsSettings, processes: int, drain: bool) -> int:
     """Start `processes` consumers of the group, pass SIGTERM/SIGINT on, wait for all."""
     base = settings.consumer_name or f"{socket.gethostname()}-{os.getpid()}"
     children = []
-    for i in range(processes):
+    for i, port in enumerate(settings.process_metrics_ports(processes)):
         env = dict(os.environ, HVS_CONSUMER_NAME=f"{base}-{i}")
-        env["HVS_METRICS_PORT"] = str(settings.metrics_port + i if settings.metrics_port else 0)
+        env["HVS_METRICS_PORT"] = str(port)
         if settings.batch_size:
             env["HVS_BATCH_SIZE"] = str(settings.batch_size)
         cmd = [sys.executable, "-m", "hvs", *(["--drain"] if drain else [])]
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         "--processes",
         type=int,
         default=1,
-        help="run N consumer processes in the group (names <name>-<i>, metrics on port + i)",
+        help="run N consumer processes in the group (names <name>-<i>; metrics: process 0 on "
+        "HVS_METRICS_PORT, process i on HVS_GROUP_METRICS_PORT + i - 1)",
     )
     args = parser.parse_args(argv)
     setup_logging()

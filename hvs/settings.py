@@ -34,6 +34,25 @@ class HvsSettings(ServiceSettings, TickRules):
         default=0.5, ge=0, description="reload rates shared by the group's consumers this often"
     )
     metrics_port: int = Field(default=19104, description="0 disables the metrics server")
+    group_metrics_port: int = Field(
+        default=19140,
+        ge=1,
+        description="`--processes N`: process 0 serves on `metrics_port`, process i >= 1 on "
+        "this + i - 1 (a range of its own, clear of the other services' ports)",
+    )
+
+    def process_metrics_ports(self, processes: int) -> list[int]:
+        """The metrics port of each of `processes` consumers run by `--processes` (all 0 when
+        the metrics server is off)."""
+        if not self.metrics_port:
+            return [0] * processes
+        extra = [self.group_metrics_port + i for i in range(processes - 1)]
+        if self.metrics_port in extra:
+            raise ValueError(
+                f"HVS_GROUP_METRICS_PORT range {extra[0]}-{extra[-1]} holds HVS_METRICS_PORT "
+                f"{self.metrics_port}: move one of them"
+            )
+        return [self.metrics_port, *extra]
 
     @property
     def retention_seconds(self) -> int:

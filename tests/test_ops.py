@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import psycopg
+import pytest
 
 from common.logs import JsonFormatter, ReadableFormatter, setup_logging
 from common.settings import Connections, StackSettings, default_sftp_user
@@ -129,6 +130,7 @@ def test_demo_env_on_the_kafka_path_names_the_brokers_and_connect(tmp_path):
 def test_the_default_ports_of_every_part_are_distinct():
     """The embedded stack, the Kafka path, monitoring and the services' metrics all run on one
     machine at once (`make demo STREAM=kafka`): no two default ports may be the same."""
+    from api.settings import ApiSettings
     from hvs.settings import HvsSettings
     from ingestion.cdr_loader import LoaderSettings
     from ingestion.crm_cdc import CdcSettings
@@ -140,7 +142,28 @@ def test_the_default_ports_of_every_part_are_distinct():
     ports = [s.pg_port, s.redis_port, s.sftp_port, s.api_port, s.docs_port]
     ports += [*k.broker_ports, *k.controller_ports, k.connect_port]
     ports += [getattr(m, name) for name in type(m).model_fields if name.endswith("_port")]
+    ports += [*k.broker_metrics_ports, k.connect_metrics_port]
     ports += [
         cls().metrics_port for cls in (LoaderSettings, TickSinkSettings, CdcSettings, HvsSettings)
     ]
+    ports.append(ApiSettings().metrics_port)
+    # `python -m hvs --processes N`: process 0 on HVS_METRICS_PORT, the others a range of their own
+    ports += HvsSettings().process_metrics_ports(HVS_PROCESSES_CHECKED)[1:]
     assert len(ports) == len(set(ports)), sorted(p for p in ports if ports.count(p) > 1)
+
+
+HVS_PROCESSES_CHECKED = 16  # far more consumers than two cores would ever run
+
+
+def test_hvs_consumer_group_metrics_ports_are_their_own_range():
+    """`--processes N` gave process i port 19104 + i, so process 1 took the drop probe's 19105
+    and process 2 the API's metrics port 19106."""
+    from hvs.settings import HvsSettings
+
+    ports = HvsSettings().process_metrics_ports(4)
+    assert ports == [19104, 19140, 19141, 19142]
+    moved = HvsSettings(metrics_port=20000, group_metrics_port=21000)
+    assert moved.process_metrics_ports(3) == [20000, 21000, 21001]
+    assert HvsSettings(metrics_port=0).process_metrics_ports(3) == [0, 0, 0]
+    with pytest.raises(ValueError, match="HVS_GROUP_METRICS_PORT"):
+        HvsSettings(metrics_port=19141).process_metrics_ports(3)
