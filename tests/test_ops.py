@@ -127,6 +127,36 @@ def test_demo_env_on_the_kafka_path_names_the_brokers_and_connect(tmp_path):
     assert "STREAM_URL" not in process_env(s, "crm_cdc", kafka)
 
 
+def test_the_kafka_paths_jmx_agents_are_scrape_jobs_and_port_0_leaves_them_out(tmp_path):
+    from monitoring.config import local_targets
+    from monitoring.settings import MonitoringSettings
+    from ops.stack import StackError
+    from ops.stack.kafka import KafkaSettings, KafkaStack
+    from ops.stack.monitoring import Monitoring
+
+    s = StackSettings(state_dir=tmp_path)
+    ports = {"broker_ports": [1, 2, 3], "controller_ports": [4, 5, 6], "connect_port": 7}
+    kafka = KafkaStack(s, KafkaSettings(**ports))
+    assert kafka.scrape_jobs() == {
+        "kafka": ["127.0.0.1:19111", "127.0.0.1:19112", "127.0.0.1:19113"],
+        "kafka_connect": ["127.0.0.1:19114"],
+    }
+    bare = KafkaStack(s, KafkaSettings(**ports, broker_metrics_ports=[], connect_metrics_port=0))
+    assert bare.scrape_jobs() == {}
+    assert bare._agent(0, "kafka_broker.yml") == []
+    with pytest.raises(StackError, match="broker metrics ports"):
+        KafkaStack(s, KafkaSettings(**ports, broker_metrics_ports=[8, 9]))
+    # what Prometheus is given: the embedded stack's jobs, and the agents once the demo says so
+    m = MonitoringSettings()
+    jobs = local_targets(m, {"hvs": "127.0.0.1:19104"}, kafka.scrape_jobs()).jobs
+    assert jobs["kafka"] == kafka.scrape_jobs()["kafka"] and jobs["hvs"] == ["127.0.0.1:19104"]
+    monitoring = Monitoring(s, m, services={})
+    assert "kafka" not in monitoring.targets().jobs
+    monitoring.scrape_kafka(kafka)  # nothing runs: renders, reloads nobody
+    rendered = (monitoring.config_dir / "prometheus.yml").read_text()
+    assert "job_name: kafka_connect" in rendered and "127.0.0.1:19114" in rendered
+
+
 def test_the_default_ports_of_every_part_are_distinct():
     """The embedded stack, the Kafka path, monitoring and the services' metrics all run on one
     machine at once (`make demo STREAM=kafka`): no two default ports may be the same."""
