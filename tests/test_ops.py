@@ -197,3 +197,17 @@ def test_hvs_consumer_group_metrics_ports_are_their_own_range():
     assert HvsSettings(metrics_port=0).process_metrics_ports(3) == [0, 0, 0]
     with pytest.raises(ValueError, match="HVS_GROUP_METRICS_PORT"):
         HvsSettings(metrics_port=19141).process_metrics_ports(3)
+
+
+def test_prometheus_scrapes_each_service_at_its_metrics_port(monkeypatch):
+    """The API serves its metrics on a port of its own, not on the HTTP port users call."""
+    from monitoring.settings import MonitoringSettings
+    from ops.stack.monitoring import service_targets
+
+    monkeypatch.setenv("API_METRICS_PORT", "19999")
+    monkeypatch.setenv("HVS_METRICS_PORT", "19998")
+    stack = StackSettings()
+    targets = service_targets(stack, MonitoringSettings())
+    assert targets["api"] == f"{stack.host}:19999"
+    assert targets["hvs"] == f"{stack.host}:19998"
+    assert all(not t.endswith(f":{stack.api_port}") for t in targets.values())

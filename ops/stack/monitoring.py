@@ -52,6 +52,7 @@ DEBIAN_PACKAGES = {
 def service_targets(stack: StackSettings, s: MonitoringSettings) -> dict[str, str]:
     """The project's processes as the demo runs them: each one's metrics port from its own
     settings (so `CDR_METRICS_PORT` and the like move the scrape target too)."""
+    from api.settings import ApiSettings
     from hvs.settings import HvsSettings
     from ingestion.cdr_loader import LoaderSettings
     from ingestion.crm_cdc import CdcSettings
@@ -62,7 +63,7 @@ def service_targets(stack: StackSettings, s: MonitoringSettings) -> dict[str, st
         "tick_sink": TickSinkSettings().metrics_port,
         "crm_cdc": CdcSettings().metrics_port,
         "hvs": HvsSettings().metrics_port,
-        "api": stack.api_port,
+        "api": ApiSettings().metrics_port,  # its own port on 127.0.0.1, not the HTTP one
         "drop_probe": s.drop_probe_port,
     }
     return {job: f"{stack.host}:{port}" for job, port in ports.items()}
