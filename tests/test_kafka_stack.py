@@ -70,6 +70,7 @@ def dbz_analytics(stack) -> Iterator[str]:
     dsn = stack.settings.pg_dsn(DBZ_DATABASE)
     with psycopg.connect(dsn) as conn:
         conn.execute((CONTRACTS_DIR / "wtc_analytics.sql").read_text())
+        conn.execute((CONTRACTS_DIR / "wtc_analytics_grants.sql").read_text())  # the sinks' role
     yield dsn
     with psycopg.connect(stack.settings.pg_dsn("postgres"), autocommit=True) as conn:
         conn.execute(f"drop database if exists {DBZ_DATABASE} with (force)")

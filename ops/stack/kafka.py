@@ -97,6 +97,16 @@ class KafkaSettings(BaseSettings):
     java: str = "java"
 
 
+def connect_worker_env(stack: StackSettings) -> dict[str, str]:
+    """The Connect worker's secrets: the passwords of the two roles its connectors log in as
+    (`${env:WTC_PG_DEBEZIUM_PASSWORD}` in the source, `${env:WTC_PG_SINK_PASSWORD}` in the
+    sinks; contracts/roles.sql)."""
+    return {
+        "WTC_PG_DEBEZIUM_PASSWORD": stack.pg_debezium_password,
+        "WTC_PG_SINK_PASSWORD": stack.pg_sink_password,
+    }
+
+
 def scratch_kafka_settings() -> KafkaSettings:
     """Every port a free one (the tests' and the benchmarks' clusters)."""
     return KafkaSettings(
@@ -357,8 +367,9 @@ class KafkaStack:
             self.s.connect_heap,
             ["org.apache.kafka.connect.cli.ConnectDistributed", str(self._worker_properties())],
         )
-        # The connectors' ${env:WTC_PG_PASSWORD} is resolved from the worker's environment.
-        self._launch(proc, argv, env={"WTC_PG_PASSWORD": self.stack_settings.pg_password})
+        # The connectors' ${env:...} passwords are resolved from the worker's environment: its
+        # two roles' own (Debezium's replication role, the sinks' writer), never the superuser's.
+        self._launch(proc, argv, env=connect_worker_env(self.stack_settings))
         wait_until(self.connect_healthy, "the Kafka Connect worker", timeout=timeout, interval=0.5)
 
     def create_topics(self, topics: dict[str, tuple[int, int]] | None = None) -> None:
