@@ -211,6 +211,19 @@ def test_debezium_and_the_embedded_reader_capture_the_same_history(
                 timeout=120,
                 interval=0.5,
             )
+            # the connectors log in as their own roles, never the superuser
+            slot_user = prod.execute(
+                "select a.usename from pg_replication_slots as s "
+                "join pg_stat_activity as a on a.pid = s.active_pid where s.slot_name = %s",
+                (connectors.slot,),
+            ).fetchone()
+            assert slot_user == ("wtc_debezium",)
+            sink_users = prod.execute(
+                "select distinct usename from pg_stat_activity where datname = %s "
+                "and usename <> current_user",
+                (DBZ_DATABASE,),
+            ).fetchall()
+            assert sink_users == [("wtc_sink",)]
             t2.commit()
             started = time.monotonic()
             crm_workload(prod)
