@@ -57,6 +57,27 @@ def test_connect_worker_has_exactly_the_two_plugins(real_kafka: RealKafka):
     ]
 
 
+def test_connect_worker_holds_its_connectors_passwords_only(real_kafka: RealKafka, stack):
+    """The worker's environment: the passwords of Debezium's and the sinks' roles, and no other
+    password, DSN or URL it could have inherited from whoever started it (ops/stack/kafka.py)."""
+    from pathlib import Path
+
+    from ops.stack.kafka import not_a_secret
+    from ops.stack.process import read_pid
+
+    pid = read_pid(real_kafka.cluster.connect.pidfile)
+    assert pid is not None
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    env = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    s = stack.settings
+    assert env["WTC_PG_DEBEZIUM_PASSWORD"] == s.pg_debezium_password
+    assert env["WTC_PG_SINK_PASSWORD"] == s.pg_sink_password
+    secrets = {k for k in env if not not_a_secret(k)}
+    assert secrets == {"WTC_PG_DEBEZIUM_PASSWORD", "WTC_PG_SINK_PASSWORD"}
+    for name in ("WTC_PG_PASSWORD", "WTC_ANALYTICS_DSN", "REDIS_URL", "API_USERS"):
+        assert not not_a_secret(name)
+
+
 # -- capture-path parity ------------------------------------------------------------------------
 
 
