@@ -31,8 +31,11 @@ DEV_REDIS_PASSWORDS = {
     for role in ("admin", "hvs", "api", "cdr_loader", "tick_sink", "sources", "exporter")
 }
 """The local stack's Redis users (ops/stack/redis_acl.py says what each may do)."""
-DEV_PG_ROLE_PASSWORDS = {role: f"dev-pg-{role}" for role in ("loader", "cdc", "dbt", "analyst")}
-"""The local stack's Postgres roles (ops/stack/pg_roles.py says what each may do)."""
+DEV_PG_ROLE_PASSWORDS = {
+    role: f"dev-pg-{role}"
+    for role in ("loader", "cdc", "dbt", "analyst", "debezium", "sink", "exporter", "probe")
+}
+"""The local stack's Postgres roles (contracts/roles.sql says what each may do)."""
 
 
 def production() -> bool:
@@ -61,6 +64,8 @@ def refuse_dev_secret(variable: str, value: str, *, url: bool = False) -> None:
     secret = unquote(urlsplit(value).password or "") if url else value
     if url and urlsplit(value).scheme == "sftp" and not secret:
         return  # a key login (SFTP_KEY_FILE) carries no password
+    if url and urlsplit(value).scheme == "kafka":
+        return  # the brokers take no login here (docs/security.md: TLS and SASL at the edge)
     if not secret or secret in dev_passwords():
         raise DefaultSecretError(
             f"WTC_ENV=production and {variable} has no password of its own "
@@ -96,6 +101,10 @@ class StackSettings(BaseSettings):
     pg_cdc_password: str = DEV_PG_ROLE_PASSWORDS["cdc"]
     pg_dbt_password: str = DEV_PG_ROLE_PASSWORDS["dbt"]
     pg_analyst_password: str = DEV_PG_ROLE_PASSWORDS["analyst"]
+    pg_debezium_password: str = DEV_PG_ROLE_PASSWORDS["debezium"]
+    pg_sink_password: str = DEV_PG_ROLE_PASSWORDS["sink"]
+    pg_exporter_password: str = DEV_PG_ROLE_PASSWORDS["exporter"]
+    pg_probe_password: str = DEV_PG_ROLE_PASSWORDS["probe"]
     pg_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
     pg_os_user: str = Field(
         default="postgres", description="unprivileged OS user that runs Postgres when run as root"
@@ -147,7 +156,7 @@ class StackSettings(BaseSettings):
 
     def pg_dsn(self, database: str, role: str | None = None) -> str:
         """`database` as the superuser, or as the job's role `role` (`loader`, `cdc`, `dbt`,
-        `analyst`: the login `wtc_<role>`)."""
+        `analyst`, `debezium`, `sink`, `exporter`, `probe`: the login `wtc_<role>`)."""
         user = self.pg_user if role is None else f"wtc_{role}"
         password = self.pg_password if role is None else getattr(self, f"pg_{role}_password")
         return (

@@ -11,9 +11,10 @@ rerun converges instead of failing.
 Placeholders in the configs:
 
 - `${NAME}` or `${NAME:-default}` (upper-case names) are filled in here, before sending: the
-  database coordinates come from the same `WTC_PROD_DSN` / `WTC_ANALYTICS_DSN` the project's
-  services use (`CRM_DB_HOST`, `CRM_DB_PORT`, `CRM_DB_NAME`, `CRM_DB_USER`,
-  `ANALYTICS_JDBC_URL`, `ANALYTICS_DB_USER`); an environment variable of the same name wins.
+  database coordinates (`CRM_DB_HOST`, `CRM_DB_PORT`, `CRM_DB_NAME`, `CRM_DB_USER`,
+  `ANALYTICS_JDBC_URL`, `ANALYTICS_DB_USER`) come from `WTC_PROD_DSN` (as Debezium's role,
+  `wtc_debezium`) and `WTC_ANALYTICS_DSN` (as the sinks' role, `wtc_sink`); an environment
+  variable of the same name wins. Neither DSN needs a password.
 - `${env:NAME}` is left alone: the Connect worker resolves it from its own environment
   (Kafka's `EnvVarConfigProvider`), so passwords never travel in a request body nor show up in
   `GET /connectors/<name>/config`.
@@ -33,7 +34,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field
@@ -54,6 +55,14 @@ PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}")
 
 class RegisterError(RuntimeError):
     """A connector config cannot be built or registered; the message says which and why."""
+
+
+class RegisterConnections(Connections):
+    """The two DSNs name the connectors' hosts, databases and logins (Debezium's replication role
+    in `WTC_PROD_DSN`, the sinks' role in `WTC_ANALYTICS_DSN`). Registration sends no password
+    (the worker resolves `${env:...}`), so the DSNs need none, in production too."""
+
+    SECRET_FIELDS: ClassVar[tuple[str, ...]] = ()
 
 
 class RegisterSettings(BaseSettings):
@@ -260,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = RegisterSettings()
     connect_url = (args.connect_url or settings.connect_url).rstrip("/")
     try:
-        requests = build_requests(settings.connectors_dir, template_variables(Connections()))
+        requests = build_requests(
+            settings.connectors_dir, template_variables(RegisterConnections())
+        )
         if args.dry_run:
             for req in requests:
                 print(f"PUT {req.path}\n{json.dumps(req.config, indent=2, sort_keys=True)}")

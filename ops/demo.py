@@ -154,12 +154,12 @@ def run(
 
 
 def connect_env(s: StackSettings, kafka: KafkaStack) -> dict[str, str]:
-    """What registering the connectors needs. The Connect worker logs in to Postgres as the
-    superuser (its `${env:WTC_PG_PASSWORD}`): Debezium's publication and the sinks' tables are
-    not yet mapped to the narrower roles (docs/security.md)."""
+    """What registering the connectors needs: the DSNs name the logins the connectors use,
+    Debezium's replication role and the sinks' writer role (contracts/roles.sql); the worker
+    holds their passwords (ops/stack/kafka.py)."""
     return {
-        "WTC_PROD_DSN": s.prod_dsn,
-        "WTC_ANALYTICS_DSN": s.analytics_dsn,
+        "WTC_PROD_DSN": s.pg_dsn("wtc_prod", "debezium"),
+        "WTC_ANALYTICS_DSN": s.pg_dsn("wtc_analytics", "sink"),
         "CONNECT_URL": kafka.connect_url,
     }
 

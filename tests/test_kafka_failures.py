@@ -35,6 +35,7 @@ def sink_dsn(stack) -> Iterator[str]:
     dsn = stack.settings.pg_dsn(SINK_DATABASE)
     with psycopg.connect(dsn) as conn:
         conn.execute((CONTRACTS_DIR / "wtc_analytics.sql").read_text())
+        conn.execute((CONTRACTS_DIR / "wtc_analytics_grants.sql").read_text())  # the sinks' role
     yield dsn
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"drop database if exists {SINK_DATABASE} with (force)")

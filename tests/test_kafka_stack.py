@@ -57,6 +57,27 @@ def test_connect_worker_has_exactly_the_two_plugins(real_kafka: RealKafka):
     ]
 
 
+def test_connect_worker_holds_its_connectors_passwords_only(real_kafka: RealKafka, stack):
+    """The worker's environment: the passwords of Debezium's and the sinks' roles, and no other
+    password, DSN or URL it could have inherited from whoever started it (ops/stack/kafka.py)."""
+    from pathlib import Path
+
+    from ops.stack.kafka import not_a_secret
+    from ops.stack.process import read_pid
+
+    pid = read_pid(real_kafka.cluster.connect.pidfile)
+    assert pid is not None
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    env = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+    s = stack.settings
+    assert env["WTC_PG_DEBEZIUM_PASSWORD"] == s.pg_debezium_password
+    assert env["WTC_PG_SINK_PASSWORD"] == s.pg_sink_password
+    secrets = {k for k in env if not not_a_secret(k)}
+    assert secrets == {"WTC_PG_DEBEZIUM_PASSWORD", "WTC_PG_SINK_PASSWORD"}
+    for name in ("WTC_PG_PASSWORD", "WTC_ANALYTICS_DSN", "REDIS_URL", "API_USERS"):
+        assert not not_a_secret(name)
+
+
 # -- capture-path parity ------------------------------------------------------------------------
 
 
@@ -70,6 +91,7 @@ def dbz_analytics(stack) -> Iterator[str]:
     dsn = stack.settings.pg_dsn(DBZ_DATABASE)
     with psycopg.connect(dsn) as conn:
         conn.execute((CONTRACTS_DIR / "wtc_analytics.sql").read_text())
+        conn.execute((CONTRACTS_DIR / "wtc_analytics_grants.sql").read_text())  # the sinks' role
     yield dsn
     with psycopg.connect(stack.settings.pg_dsn("postgres"), autocommit=True) as conn:
         conn.execute(f"drop database if exists {DBZ_DATABASE} with (force)")
@@ -210,6 +232,19 @@ def test_debezium_and_the_embedded_reader_capture_the_same_history(
                 timeout=120,
                 interval=0.5,
             )
+            # the connectors log in as their own roles, never the superuser
+            slot_user = prod.execute(
+                "select a.usename from pg_replication_slots as s "
+                "join pg_stat_activity as a on a.pid = s.active_pid where s.slot_name = %s",
+                (connectors.slot,),
+            ).fetchone()
+            assert slot_user == ("wtc_debezium",)
+            sink_users = prod.execute(
+                "select distinct usename from pg_stat_activity where datname = %s "
+                "and usename <> current_user",
+                (DBZ_DATABASE,),
+            ).fetchall()
+            assert sink_users == [("wtc_sink",)]
             t2.commit()
             started = time.monotonic()
             crm_workload(prod)

@@ -3,9 +3,18 @@ and the server takes only SCRAM passwords on loopback."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
+import httpx
 import psycopg
 import pytest
+import yaml
 from psycopg import errors
+
+from ops.stack import free_port, wait_until
+from ops.stack.monitoring import POSTGRES_EXPORTER, POSTGRES_QUERIES
+from ops.stack.pg_roles import ROLES
 
 
 def connect(stack, role: str, database: str = "wtc_analytics") -> psycopg.Connection:
@@ -120,7 +129,7 @@ def test_only_scram_passwords_on_loopback(stack) -> None:
         else:
             assert method == "scram-sha-256", (kind, address, method)
             assert address in ("127.0.0.1", "::1"), address
-    assert sorted(stored) == [(f"wtc_{r}", True) for r in ("analyst", "cdc", "dbt", "loader")]
+    assert sorted(stored) == [(f"wtc_{r}", True) for r in sorted(ROLES)]
 
 
 def test_the_cdc_role_starts_its_reader_on_the_publication_the_stack_made(stack) -> None:
@@ -177,3 +186,140 @@ def test_dbts_role_runs_the_projects_start_hooks(tmp_path) -> None:
                 "select tableowner from pg_tables where schemaname = 'prepared_layers' "
                 "and tablename = 'dbt_landing_horizons'"
             ).fetchone() == ("wtc_dbt",)
+
+
+# -- the Kafka path's and monitoring's roles ----------------------------------------------------
+
+DATA_TABLES = (
+    "cdr_data.files",
+    "cdr_data.data_records",
+    "forex_data.ticks",
+    "crm_data.accounts_changes",
+)
+
+
+def test_debeziums_role_reads_the_source_replicates_and_writes_nothing(stack) -> None:
+    with connect(stack, "debezium", "wtc_prod") as conn:
+        assert conn.execute(
+            "select rolreplication, rolsuper from pg_roles where rolname = current_user"
+        ).fetchone() == (True, False)
+        conn.execute("select count(*) from crm_system.accounts").fetchone()
+        # its publication is the stack's, on the three tables, and it may stream it
+        assert conn.execute(
+            "select count(*) from pg_publication_tables where pubname = 'wtc_crm_debezium'"
+        ).fetchone() == (3,)
+        conn.execute("select pg_create_logical_replication_slot('wtc_roles_dbz', 'pgoutput')")
+        conn.execute("select pg_drop_replication_slot('wtc_roles_dbz')")
+        for statement in (
+            "insert into crm_system.accounts (account_id) values (-1)",
+            "update crm_system.accounts set email = 'x'",
+            "delete from crm_system.accounts",
+            "truncate crm_system.accounts",
+            "create table crm_system.planted (x int)",
+            "create publication planted for table crm_system.accounts",
+            "alter publication wtc_crm_debezium drop table crm_system.devices",
+        ):
+            with pytest.raises(DENIED):
+                conn.execute(statement)
+    with pytest.raises(psycopg.OperationalError):
+        connect(stack, "debezium", "wtc_analytics")
+
+
+def test_the_sinks_role_upserts_the_change_log_and_cannot_touch_a_prepared_table(
+    stack, analytics, prepared_table
+) -> None:
+    with connect(stack, "sink") as conn:
+        conn.execute(
+            "insert into crm_data.accounts_changes (account_id, __op, __lsn, __source_ts_ms) "
+            "values (1, 'c', 10, 0) on conflict (__lsn, account_id) "
+            "do update set email = excluded.email"
+        )
+        conn.execute("update crm_data.accounts_changes set email = 'e' where account_id = 1")
+        for statement in (
+            f"select * from {prepared_table}",
+            f"insert into {prepared_table} values (2)",
+            f"drop table {prepared_table}",
+            f"truncate {prepared_table}",
+            "create table prepared_layers.planted (x int)",
+            "delete from crm_data.accounts_changes",
+            "create table crm_data.planted (x int)",
+            "select * from cdr_data.files",
+            "insert into forex_data.ticks (pair_name) values ('x')",
+        ):
+            with pytest.raises(DENIED):
+                conn.execute(statement)
+    with pytest.raises(psycopg.OperationalError):
+        connect(stack, "sink", "wtc_prod")
+
+
+def test_the_probes_role_reads_the_landed_files_only(stack, analytics) -> None:
+    with connect(stack, "probe") as conn:
+        conn.execute("select file_name, size_bytes, loaded_at from cdr_data.files").fetchall()
+        for statement in (
+            "insert into cdr_data.files (file_name) values ('x')",
+            "select * from cdr_data.data_records",
+            "select * from crm_data.accounts_changes",
+        ):
+            with pytest.raises(DENIED):
+                conn.execute(statement)
+
+
+def test_the_exporters_role_reads_no_table_and_its_scrape_works(stack, analytics) -> None:
+    """pg_monitor: the server's statistics and the replication slots' lag, not a row of data.
+    Then the real postgres exporter, as the stack's monitoring runs it, scrapes as that role."""
+    with connect(stack, "exporter") as conn:
+        for table in DATA_TABLES:
+            for statement in (f"select * from {table}", f"delete from {table}"):
+                with pytest.raises(DENIED):
+                    conn.execute(statement)
+        with pytest.raises(DENIED):
+            conn.execute("create table planted (x int)")
+        for extra in yaml.safe_load(POSTGRES_QUERIES.read_text()).values():
+            conn.execute(extra["query"]).fetchall()  # the exporter's extra queries run
+    port = free_port()
+    s = stack.settings
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATA_SOURCE_NAME": s.pg_dsn("wtc_analytics", "exporter") + "?sslmode=disable",
+    }
+    exporter = subprocess.Popen(
+        [
+            POSTGRES_EXPORTER,
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--extend.query-path={POSTGRES_QUERIES}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics: dict[str, str] = {}
+
+        def scraped() -> bool:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                return False
+            metrics.update(
+                line.rsplit(" ", 1) for line in text.splitlines() if line[:1] not in ("#", "")
+            )
+            return "pg_up" in metrics
+
+        with connect(stack, "cdc", "wtc_prod") as conn:  # a slot, for the extra query's rows
+            conn.execute("select pg_create_logical_replication_slot('wtc_roles_exp', 'pgoutput')")
+        try:
+            wait_until(scraped, "the postgres exporter to answer", timeout=60, interval=0.2)
+            assert metrics["pg_up"] == "1"
+            assert metrics["pg_exporter_last_scrape_error"] == "0"
+            slot = (
+                'pg_replication_slot_wal_retained_bytes{server="%s:%s",slot_name="wtc_roles_exp"}'
+            )
+            assert slot % (s.host, s.pg_port) in metrics, sorted(metrics)[:20]
+            assert any(k.startswith("pg_stat_database_xact_commit{") for k in metrics)
+        finally:
+            with connect(stack, "cdc", "wtc_prod") as conn:
+                conn.execute("select pg_drop_replication_slot('wtc_roles_exp')")
+    finally:
+        exporter.terminate()
+        exporter.wait(30)

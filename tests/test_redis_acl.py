@@ -135,3 +135,22 @@ def test_redis_files_are_its_service_users_alone(stack, redis_client) -> None:
         assert stat.S_IMODE(st.st_mode) & 0o077 == 0, (path, oct(st.st_mode))
     pid = (redis_dir / "redis.pid").read_text().strip()
     assert Path(f"/proc/{pid}").stat().st_uid == owner.pw_uid  # the server runs as that user
+
+
+def test_the_users_file_names_the_keys_the_code_uses() -> None:
+    """contracts/redis_users.acl writes its key patterns out; they are the ones the HVS key
+    layout and the stream backend make (a renamed prefix or topic fails here first)."""
+    from hvs.keys import PREFIX
+    from ingestion.cdr_publish import CDR_DATA_TOPIC, CDR_VOICE_TOPIC
+    from ops.stack.redis_acl import RULES
+
+    def keys(user: str) -> set[str]:
+        return {w.lstrip("(%RW~") for w in RULES[user].split() if "~" in w}
+
+    cdr = {stream_key(CDR_DATA_TOPIC), stream_key(CDR_VOICE_TOPIC)}
+    assert keys("hvs") == {PREFIX + "*", *cdr, stream_key("tick-data")}
+    assert keys("api") == {usage_key("*", "*")}
+    assert keys("cdr_loader") == cdr
+    assert keys("tick_sink") == keys("sources") == {stream_key("tick-data")}
+    assert keys("exporter") == set()
+    assert RULES["admin"] == "~* &* +@all"

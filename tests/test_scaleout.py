@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -41,6 +42,7 @@ from connect.register import (
     wait_for_connect,
 )
 from ops.stack import free_port
+from ops.stack.pg_roles import ROLES as PG_ROLES
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 TOPICS_SCRIPT = PROJECT_ROOT / "docker" / "kafka" / "create-topics.sh"
@@ -59,6 +61,7 @@ PROJECT_PACKAGES = (
     "monitoring",
 )
 LOG_ENV = ("WTC_LOG_FORMAT", "WTC_LOG_LEVEL")  # read by common/logs.py, not a settings class
+MODE_ENV = "WTC_ENV"  # read by common/settings.production(), not a settings class
 
 # Option values as the Debezium 3.6 / Kafka Connect sources and docs define them.
 EXTRACT_NEW_RECORD_STATE = "io.debezium.transforms.ExtractNewRecordState"
@@ -301,7 +304,7 @@ def env_names_read_by(module_name: str) -> set[str]:
     names = json.loads(result.stdout.strip().splitlines()[-1])
     if names is None:
         pytest.skip(f"{module_name} is not written yet")
-    return set(names) | set(LOG_ENV)
+    return set(names) | set(LOG_ENV) | {MODE_ENV}
 
 
 def python_services(compose_model: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -316,6 +319,7 @@ def test_log_env_names_are_the_ones_ops_logs_reads():
     source = (PROJECT_ROOT / "common" / "logs.py").read_text()
     for name in LOG_ENV:
         assert f'"{name}"' in source
+    assert f'"{MODE_ENV}"' in (PROJECT_ROOT / "common" / "settings.py").read_text()
 
 
 @pytest.mark.parametrize(
@@ -367,6 +371,12 @@ def test_postgres_init_script_bootstraps_and_is_idempotent(stack, tmp_path):
         "PGHOST": s.host,
         "PGPORT": str(s.pg_port),
         "PGPASSWORD": s.pg_password,
+        # the job roles' passwords: the stack's own (the same values, so the session's other
+        # tests keep logging in)
+        **{
+            f"WTC_PG_{role.upper()}_PASSWORD": getattr(s, f"pg_{role}_password")
+            for role in PG_ROLES
+        },
     }
     for _ in range(2):
         result = subprocess.run(["bash", str(local)], capture_output=True, text=True, env=env)
@@ -531,7 +541,15 @@ def test_source_is_debezium_pgoutput_on_the_real_crm_tables(stack, source):
     assert source["plugin.name"] == "pgoutput"
     assert source["database.dbname"] == "wtc_prod"
     assert source["slot.name"] and source["publication.name"]
-    assert source["publication.autocreate.mode"] == "filtered"
+    # Debezium's role owns no table, so it may not make or alter a publication of them: the
+    # stack's (contracts/wtc_prod_grants.sql) is used as it is, on exactly the captured tables
+    assert source["publication.autocreate.mode"] == "disabled"
+    with psycopg.connect(stack.prod_dsn) as conn:
+        published = conn.execute(
+            "select schemaname, tablename from pg_publication_tables where pubname = %s",
+            (source["publication.name"],),
+        ).fetchall()
+    assert set(published) == set(captured_tables(source))
     assert source["snapshot.mode"] == "initial"
     # Deliberate: microsecond timestamps as io.debezium.time.MicroTimestamp (which the Debezium
     # JDBC sink writes back as timestamp), exact decimals, never doubles.
@@ -767,9 +785,10 @@ def test_register_runs_as_the_compose_service_runs_it(compose_model, tmp_path):
     assert service["command"][:2] == ["python", "connect/register.py"]
     env = {k: v for k, v in service["environment"].items() if v is not None}
     for name in ("WTC_PROD_DSN", "WTC_ANALYTICS_DSN"):
-        assert ":postgres@" in env[name]  # the dev default password; make it recognisable
-        env[name] = env[name].replace(":postgres@", ":s3cret-pw@")
+        assert urlsplit(env[name]).password is None  # the worker holds the passwords
+    # in production too: registration needs no password of its own
     env |= {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "WTC_LOG_FORMAT": "text"}
+    env |= {"WTC_ENV": "production"}
     result = subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "connect" / "register.py"), "--dry-run"],
         capture_output=True,
@@ -781,8 +800,10 @@ def test_register_runs_as_the_compose_service_runs_it(compose_model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert '"database.hostname": "postgres"' in result.stdout
     assert '"connection.url": "jdbc:postgresql://postgres:5432/wtc_analytics"' in result.stdout
-    assert "s3cret-pw" not in result.stdout
-    assert result.stdout.count('"${env:WTC_PG_PASSWORD}"') == 4
+    assert '"database.user": "wtc_debezium"' in result.stdout
+    assert result.stdout.count('"connection.username": "wtc_sink"') == 3
+    assert result.stdout.count('"${env:WTC_PG_DEBEZIUM_PASSWORD}"') == 1
+    assert result.stdout.count('"${env:WTC_PG_SINK_PASSWORD}"') == 3
 
 
 # -- monitoring ----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 import uuid
 from base64 import urlsafe_b64encode
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,25 @@ class KafkaSettings(BaseSettings):
     broker_heap: str = "-Xms256m -Xmx512m"
     connect_heap: str = "-Xms256m -Xmx768m"
     java: str = "java"
+
+
+def connect_worker_env(stack: StackSettings) -> dict[str, str]:
+    """The Connect worker's secrets: the passwords of the two roles its connectors log in as
+    (`${env:WTC_PG_DEBEZIUM_PASSWORD}` in the source, `${env:WTC_PG_SINK_PASSWORD}` in the
+    sinks; contracts/roles.sql)."""
+    return {
+        "WTC_PG_DEBEZIUM_PASSWORD": stack.pg_debezium_password,
+        "WTC_PG_SINK_PASSWORD": stack.pg_sink_password,
+    }
+
+
+SECRET_VARIABLES = re.compile(r"(PASSWORD|_DSN|_URL|API_USERS)", re.I)
+
+
+def not_a_secret(name: str) -> bool:
+    """Whether the worker may inherit the variable `name` from whoever starts it: no password,
+    DSN or URL of any other process (`make demo` may run with the superuser's in its env)."""
+    return not SECRET_VARIABLES.search(name)
 
 
 def scratch_kafka_settings() -> KafkaSettings:
@@ -253,7 +273,13 @@ class KafkaStack:
             *main,
         ]
 
-    def _launch(self, proc: JvmProcess, argv: list[str], env: dict[str, str] | None = None) -> int:
+    def _launch(
+        self,
+        proc: JvmProcess,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        inherit: Callable[[str], bool] = lambda _name: True,
+    ) -> int:
         pid = read_pid(proc.pidfile)
         if pid is not None:
             log.info("already running", extra={"service": proc.name, "pid": pid})
@@ -263,7 +289,7 @@ class KafkaStack:
             child = subprocess.Popen(
                 argv,
                 cwd=self.dir,
-                env={**os.environ, **(env or {})},
+                env={**{k: v for k, v in os.environ.items() if inherit(k)}, **(env or {})},
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -403,8 +429,9 @@ class KafkaStack:
             ["org.apache.kafka.connect.cli.ConnectDistributed", str(self._worker_properties())],
             self._agent(self.s.connect_metrics_port, "kafka_connect.yml"),
         )
-        # The connectors' ${env:WTC_PG_PASSWORD} is resolved from the worker's environment.
-        self._launch(proc, argv, env={"WTC_PG_PASSWORD": self.stack_settings.pg_password})
+        # The connectors' ${env:...} passwords are resolved from the worker's environment: its
+        # two roles' own (Debezium's replication role, the sinks' writer), never the superuser's.
+        self._launch(proc, argv, env=connect_worker_env(self.stack_settings), inherit=not_a_secret)
         wait_until(self.connect_healthy, "the Kafka Connect worker", timeout=timeout, interval=0.5)
 
     def create_topics(self, topics: dict[str, tuple[int, int]] | None = None) -> None:

@@ -332,7 +332,7 @@ class Stack:
         with psycopg.connect(self.s.pg_dsn("wtc_prod")) as conn:
             pg_roles.grant_prod(conn, cdc.publication, list(cdc.tables))
         with psycopg.connect(self.s.pg_dsn("wtc_analytics")) as conn:
-            pg_roles.grant_analytics(conn, self.s.pg_user)
+            pg_roles.grant_analytics(conn)
 
     # -- Redis ---------------------------------------------------------------------------------
 

@@ -172,8 +172,12 @@ class Monitoring:
                     f"--web.listen-address={host}:{s.postgres_exporter_port}",
                     f"--extend.query-path={POSTGRES_QUERIES}",
                 ],
-                # the DSN carries the password: the environment, never the command line
-                {"DATA_SOURCE_NAME": self.stack.analytics_dsn + "?sslmode=disable"},
+                # its own role (pg_monitor, no table); the DSN carries the password: the
+                # environment, never the command line
+                {
+                    "DATA_SOURCE_NAME": self.stack.pg_dsn("wtc_analytics", "exporter")
+                    + "?sslmode=disable"
+                },
             ),
             Daemon(
                 "redis_exporter",
@@ -205,7 +209,7 @@ class Monitoring:
                 {
                     "DROP_PROBE_METRICS_HOST": host,
                     "DROP_PROBE_METRICS_PORT": str(s.drop_probe_port),
-                    "WTC_ANALYTICS_DSN": self.stack.analytics_dsn,
+                    "WTC_ANALYTICS_DSN": self.stack.pg_dsn("wtc_analytics", "probe"),
                     "SFTP_URL": self.stack.sftp_url,
                     "CDR_DIR": self.cdr_dir,
                     "WTC_LOG_FORMAT": "json",

@@ -1,7 +1,9 @@
 """The local Redis's users: one per process, each allowed only the keys and commands its job needs.
 
-The `default` user is off, so a client that does not log in gets NOAUTH. The ACL file holds
-SHA-256 hashes of the passwords, never the passwords (they come from `WTC_REDIS_*_PASSWORD`).
+The users and their rules are written once, in `contracts/redis_users.acl`, which the compose
+Redis reads too (`docker/redis/users-acl.sh`). The `default` user is off, so a client that does
+not log in gets NOAUTH. The ACL file holds SHA-256 hashes of the passwords, never the passwords
+(they come from `WTC_REDIS_*_PASSWORD`).
 
 | user | may |
 | --- | --- |
@@ -12,65 +14,40 @@ SHA-256 hashes of the passwords, never the passwords (they come from `WTC_REDIS_
 | `tick_sink` | consume the tick stream (it writes its ticks to Postgres, not to Redis) |
 | `sources` | append to the tick stream (the forex generator, dev tooling) |
 | `exporter` | the server's figures for Prometheus (INFO, CONFIG GET, SLOWLOG, ...); no key |
-
-Consuming a stream in a group (XREADGROUP, XACK, XAUTOCLAIM, XGROUP) changes the group's state,
-so Redis counts it as a write of the stream key: a consumer's rights on a stream are limited by
-command (a selector), not by key alone, so that it cannot XADD, XDEL or XTRIM the stream.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from hvs.keys import PREFIX as HVS_PREFIX
-from hvs.keys import usage_key
-from ingestion.cdr_publish import CDR_DATA_TOPIC, CDR_VOICE_TOPIC
-from ingestion.stream import stream_key
+from common.settings import CONTRACTS_DIR
 
-TICK_TOPIC = "tick-data"
-CDR_STREAMS = (stream_key(CDR_DATA_TOPIC), stream_key(CDR_VOICE_TOPIC))
-TICK_STREAM = stream_key(TICK_TOPIC)
-
-ROLES = ("admin", "hvs", "api", "cdr_loader", "tick_sink", "sources", "exporter")
-
-# AUTH, HELLO, PING, SELECT and the like, without CLIENT KILL and the other admin commands
-_CONNECT = "-@all +@connection -@admin -@dangerous +select"
-_CONSUME = "+xreadgroup +xack +xautoclaim +xclaim +xpending +xgroup|create +xgroup|delconsumer "
-_CONSUME += "+xinfo|groups +xinfo|stream"
+USERS_FILE = CONTRACTS_DIR / "redis_users.acl"
 
 
-def _keys(*patterns: str, mode: str = "") -> str:
-    return " ".join(f"{mode}~{p}" for p in patterns)
+def read_rules(text: str) -> dict[str, str]:
+    """{user: rules} of a users file: `user <name> <rules>` lines, comments and blanks dropped."""
+    rules: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        word, name, *rest = [*line.split(maxsplit=2), ""]
+        if word != "user" or not name or name == "default" or name in rules:
+            raise ValueError(f"{USERS_FILE.name}:{number}: expected `user <name> <rules>` once")
+        rules[name] = rest[0].strip()
+    return rules
 
 
-def _consumer(*streams: str) -> str:
-    """A selector: consume `streams` in a group, nothing more."""
-    return f"({_keys(*streams)} {_CONSUME})"
+RULES: dict[str, str] = read_rules(USERS_FILE.read_text())
+ROLES = tuple(RULES)
 
 
-RULES: dict[str, str] = {
-    "admin": "~* &* +@all",
-    "hvs": (
-        f"{_keys(HVS_PREFIX + '*')} {_CONNECT} +@hash +@bitmap +@set +@list +setrange +expire "
-        "+del +eval +evalsha +script|load +@transaction -@admin -@dangerous +scan "
-        f"{_consumer(*CDR_STREAMS, TICK_STREAM)}"
-    ),
-    "api": f"{_keys(usage_key('*', '*'), mode='%R')} {_CONNECT} +hgetall",
-    "cdr_loader": f"{_keys(*CDR_STREAMS)} {_CONNECT} +xadd",
-    "tick_sink": f"{_CONNECT} {_consumer(TICK_STREAM)}",
-    "sources": f"{_keys(TICK_STREAM)} {_CONNECT} +xadd",
-    # Prometheus' redis exporter: the server's figures, no key and no value
-    "exporter": (
-        f"{_CONNECT} +info +dbsize +config|get +slowlog|get +slowlog|len +latency|latest "
-        "+client|list +memory|stats"
-    ),
-}
-
-
-def acl_file(passwords: dict[str, str]) -> str:
-    """The ACL file for `passwords` ({role: password}); `default` is off."""
+def acl_file(passwords: dict[str, str | None]) -> str:
+    """The ACL file for `passwords` ({user: password}); `default` is off, and so is a user
+    whose password is missing or empty (nobody can log in as it)."""
     lines = ["user default off resetkeys resetchannels -@all"]
     for role in ROLES:
-        digest = hashlib.sha256(passwords[role].encode()).hexdigest()
-        lines.append(f"user {role} on #{digest} resetchannels {RULES[role]}")
+        secret = passwords.get(role)
+        login = f"on #{hashlib.sha256(secret.encode()).hexdigest()}" if secret else "off"
+        lines.append(f"user {role} {login} resetchannels {RULES[role]}")
     return "\n".join(lines) + "\n"
