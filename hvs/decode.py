@@ -225,10 +225,10 @@ def tick_event(pair: str, ts: datetime, bid: Decimal, ask: Decimal) -> TickEvent
     """A decoded tick as the HVS keeps it (the stream's and the rebuild's, from the raw table)."""
     ms = (ts.minute * 60 + ts.second) * 1000 + ts.microsecond // 1000
     return TickEvent(
-        pair=pair,
-        hour=ts.strftime("%Y%m%d%H"),
-        slot=ms // K.FX_SLOT_MS,
-        price_sum=K.to_units(bid) + K.to_units(ask),
+        pair,
+        f"{ts.year:04d}{ts.month:02d}{ts.day:02d}{ts.hour:02d}",  # strftime's %Y%m%d%H
+        ms // K.FX_SLOT_MS,
+        K.to_units(bid + ask),  # exact: both have at most MONEY_SCALE decimals (the decoder's)
     )
 
 
