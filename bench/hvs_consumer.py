@@ -5,9 +5,11 @@ the same run (A B A B ...): events/s and Redis bytes per subscriber-day. Never f
     python -m bench.hvs_consumer --vs /path/to/other    # and another checkout, alternately
 
 The stream is filled once, as the CDR loader and the tick generator fill it: the starter's CDR
-rows (its generator, `--hours` of its two days, subscribers scaled so that a subscriber-day holds
-as many events as in the starter) as the loader's JSON messages keyed by msisdn, and the
-starter's ticks for the same hours (0.4 ticks per CDR event, as in the starter). Each round runs
+generator for `--hours` (default a whole day) with `--rows-per-file` (default 250 of the
+starter's 1000) and as many fewer subscribers, so that a subscriber-day holds as many events as
+in the starter, spread over the day alike (a batch of 5000 then spans four times the starter's
+share of a day), as the loader's JSON messages keyed by msisdn; and the starter's ticks for the
+same hours, as many fewer (0.4 ticks per CDR event, as in the starter). Each round runs
 `python -m hvs --drain` from each checkout as its own process, with a fresh group and an empty
 HVS database: events/s is the CDR events it applied over its own run time (ticks included, as
 `make bench` measures it). Then `MEMORY USAGE` of every key of the HVS database over the number
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,20 +33,21 @@ import redis
 from bench.hvs_api import PrivateRedis
 from common.settings import PROJECT_ROOT
 
-STARTER_EVENTS_PER_SUBSCRIBER_DAY = 1_728_000 / (50_000 * 2)
 
-
-def fill_stream(stream_url: str, hours: int) -> dict:
-    """The loader's CDR messages and the generator's ticks for the starter's first `hours`."""
+def fill_stream(stream_url: str, hours: int, rows_per_file: int = 250) -> dict:
+    """The loader's CDR messages and the generator's ticks for the starter's first `hours`, at
+    `rows_per_file` / 1000 of its rows, subscribers and ticks."""
     from ingestion.cdr_format import KINDS
     from ingestion.generators.cdr import CdrConfig, _CdrState, file_names
     from ingestion.generators.forex import ForexConfig, publish_ticks
     from ingestion.stream import open_producer
 
-    windows = hours * 3600 // 200
-    events = windows * 2000
-    subscribers = round(events / STARTER_EVENTS_PER_SUBSCRIBER_DAY / max(1, hours / 24))
-    config = CdrConfig(subscribers=subscribers, duration=timedelta(hours=hours))
+    share = rows_per_file / 1000
+    subscribers = round(50_000 * share)
+    config = CdrConfig(
+        subscribers=subscribers, duration=timedelta(hours=hours), rows_per_file=rows_per_file
+    )
+    events = config.windows * 2 * rows_per_file
     state = _CdrState(config)
     int_cols = {
         name: {c.name for c in kind.columns if c.pg_type in ("integer", "bigint", "int")}
@@ -68,7 +72,10 @@ def fill_stream(stream_url: str, hours: int) -> dict:
                     items.append((row[0].encode(), orjson.dumps(obj), None))
                 p.publish_many(f"cdr-{kind}", items)
     ticks = publish_ticks(
-        ForexConfig(start=config.start, duration=timedelta(hours=hours)), stream_url
+        ForexConfig(
+            start=config.start, duration=timedelta(hours=hours), step_ms=round(500 / share)
+        ),
+        stream_url,
     )
     return {"events": events, "subscribers": subscribers, "ticks": ticks}
 
@@ -100,6 +107,10 @@ def run_once(tree: Path, stream_url: str, redis_url: str, group: str) -> dict:
         WTC_LOG_FORMAT="json",
     )
     env.pop("PYTHONPATH", None)
+    server = redis.Redis.from_url(redis_url)
+    server.config_resetstat()
+    cpu0 = server.info("cpu")
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [sys.executable, "-m", "hvs", "--drain"],
         cwd=tree,  # `-m` puts the checkout first on sys.path
@@ -108,6 +119,10 @@ def run_once(tree: Path, stream_url: str, redis_url: str, group: str) -> dict:
         check=True,
         timeout=900,
     )
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu1 = server.info("cpu")
+    stats = server.info("commandstats")
+    top = sorted(stats.items(), key=lambda kv: -kv[1]["usec"])[:4]
     for line in done.stderr.decode().splitlines():
         if "hvs consumer stopped" in line:
             entry = orjson.loads(line)
@@ -115,6 +130,13 @@ def run_once(tree: Path, stream_url: str, redis_url: str, group: str) -> dict:
                 "events": entry["events_applied"],
                 "seconds": entry["seconds"],
                 "events_per_s": entry["events_applied"] / entry["seconds"],
+                # whole process (imports too) and the Redis server (streams and HVS alike)
+                "consumer_cpu_s": ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime,
+                "redis_cpu_s": sum(cpu1[k] - cpu0[k] for k in ("used_cpu_sys", "used_cpu_user")),
+                "redis_us_per_event": {
+                    name.removeprefix("cmdstat_"): round(st["usec"] / entry["events_applied"], 2)
+                    for name, st in top
+                },
                 **hvs_bytes(redis_url),
             }
     raise RuntimeError(f"no 'hvs consumer stopped' line from {tree}: {done.stderr[-2000:]!r}")
@@ -124,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.hvs_consumer", description=(__doc__ or "").split("\n")[0]
     )
-    parser.add_argument("--hours", type=int, default=6, help="of the starter's two days")
+    parser.add_argument("--hours", type=int, default=24, help="of the starter's two days")
+    parser.add_argument("--rows-per-file", type=int, default=250, help="the starter: 1000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vs", type=Path, help="another checkout of the project (B)")
     args = parser.parse_args(argv)
@@ -134,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     private = PrivateRedis()
     try:
         stream_url, hvs_url = private.url(1), private.url(0)
-        filled = fill_stream(stream_url, args.hours)
+        filled = fill_stream(stream_url, args.hours, args.rows_per_file)
         print(
             f"stream: {filled['events']:,} CDR events of {filled['subscribers']:,} subscribers, "
-            f"{filled['ticks']:,} ticks ({args.hours} h of the starter)",
+            f"{filled['ticks']:,} ticks ({args.hours} h of the starter at "
+            f"{args.rows_per_file} rows per file)",
             flush=True,
         )
         runs: dict[str, list[dict]] = {name: [] for name in trees}
@@ -147,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(res)
                 print(
                     f"round {i + 1} {name}: {res['events']:,} events in {res['seconds']:.2f} s = "
-                    f"{res['events_per_s']:,.0f} events/s; {res['hash_bytes']:.0f} B per usage "
+                    f"{res['events_per_s']:,.0f} events/s (CPU s: consumer "
+                    f"{res['consumer_cpu_s']:.2f}, Redis {res['redis_cpu_s']:.2f}; Redis us per "
+                    f"event by command {res['redis_us_per_event']}); "
+                    f"{res['hash_bytes']:.0f} B per usage "
                     f"hash, {res['all_bytes_per_subscriber_day']:.0f} B per subscriber-day",
                     flush=True,
                 )

@@ -414,6 +414,37 @@ def test_a_new_group_beside_fields_written_by_pricing_still_adds(stack, hvs_env,
     }
 
 
+def test_a_batch_with_thousands_of_fields_in_one_hash_applies_whole(stack, hvs_env, redis_client):
+    """One batch's WAK-pending ZAR of 6000 usage groups in one hour goes to one hash: its 6000
+    fields are added in chunks (Lua's unpack takes a few thousand values), every event counted."""
+    ts = datetime(2024, 1, 1, 5)
+    events = [
+        data_event(f"27{n:011d}", ts, 100, 200 + n, "text", "many.csv", n + 2) for n in range(6000)
+    ]
+    hvs = Hvs(hvs_env)
+    res = hvs.process([msg("cdr-data", orjson.dumps(e), f"1-{i}") for i, e in enumerate(events)])
+    assert (res.applied, res.duplicates) == (6000, 0)
+    pending = redis_client.hgetall(K.pending_key("2024010105"))
+    assert len(pending) == 6000
+    want = sum(data_zar_units(300 + n) for n in range(6000))
+    assert sum(int(v) for v in pending.values()) == want
+    for n in (0, 5999):
+        got = K.parse_usage(redis_client.hgetall(K.usage_key(f"27{n:011d}", "20240101")))
+        assert got[("data", "text")][K.EVENTS] == 1 and got[("data", "text")][K.DOWN] == 200 + n
+
+
+def test_sums_beyond_what_lua_adds_exactly_are_left_to_redis(stack, hvs_env, redis_client):
+    """A stored value of more than 15 digits (or not a plain integer) is added to by HINCRBY,
+    exact in 64 bits, never by Lua's doubles."""
+    key = K.usage_key("0123456789012", "20240101")
+    big = 2**62 + 1  # not a double
+    redis_client.hset(key, K.usage_field("data", "text", K.ZAR_PENDING), big)
+    e = data_event("0123456789012", datetime(2024, 1, 1, 5), 100, 200, "text", "big.csv", 2)
+    assert Hvs(hvs_env).process([msg("cdr-data", orjson.dumps(e))]).applied == 1
+    got = K.parse_usage(redis_client.hgetall(key))[("data", "text")]
+    assert got[K.ZAR_PENDING] == big + data_zar_units(300) and got[K.EVENTS] == 1
+
+
 def test_wak_pending_until_a_rate_is_known(stack, hvs_env, redis_client):
     # events first: no tick yet, so their WAK waits; then ticks arrive and price them
     events = make_events(n_files=1, rows=200, seed=3, start=datetime(2024, 1, 1, 2))
