@@ -196,12 +196,12 @@ def _write_day(hvs: Hvs, day: str, built: Built, token: str) -> tuple[int, int]:
     hashes: dict[str, dict[str, int]] = {}
     incr, i = built.incr, 0
     while i < len(incr):
-        key, n = str(incr[i]), int(incr[i + 1])
+        key, n = str(incr[i]), int(incr[i + 1]) + int(incr[i + 2])
         fields = hashes.setdefault(key, {})
-        for j in range(i + 2, i + 2 + 2 * n, 2):
+        for j in range(i + 3, i + 3 + 2 * n, 2):
             f = str(incr[j])
             fields[f] = fields.get(f, 0) + int(incr[j + 1])
-        i += 2 + 2 * n
+        i += 3 + 2 * n
     usage = {k for k in hashes if k.startswith(f"{K.PREFIX}u:")}
     existing = {k.decode() for k in r.scan_iter(match=K.usage_pattern(day), count=5000)}
     hours = [f"{day}{h:02d}" for h in range(24)]

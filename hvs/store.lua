@@ -1,13 +1,13 @@
 -- One flat ARGV list, no JSON (decoding JSON in Lua cost as much as the increments):
 --   pause key, ttl,
 --   nfiles, then per bitmap: key, nruns, first, last, ... (runs of consecutive offsets),
---   nhashes, then per hash: key, nfields, then nfields times field, n,
+--   nhashes, then per hash: key, nnew, nincr, then nnew + nincr times field, n,
 --   nsets, then per member: set key, member.
 -- A run is checked with one BITCOUNT and set with SETRANGE (whole bytes) and SETBIT (its ends);
--- single offsets are checked and set with one BITFIELD per bitmap. A hash's fields are added to
--- with one HMGET and one HSET (two calls, however many fields): a sum is written only where both
--- numbers are plain integers of at most 15 digits, which Lua's doubles add exactly; any other
--- field is left to HINCRBY, whose errors and limits stay Redis's own. Returns, for the bits that
+-- single offsets are checked and set with one BITFIELD per bitmap. A hash's first `nnew` fields
+-- are a usage group's event count and the fields always written with it: if HINCRBY of the count
+-- created it, the others do not exist either and one HSET writes them (a new group: one call
+-- instead of up to five). The other `nincr` fields are HINCRBY'd. Returns, for the bits that
 -- were set already, `bitmap number, offset` pairs (1-based bitmap number, in ARGV order); if
 -- there is any, nothing was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
 -- While the pause key exists (a rebuild from the raw tables is writing, hvs/rebuild.py), nothing
@@ -78,30 +78,24 @@ for _, file in ipairs(files) do
 end
 local nhashes = tonumber(ARGV[i])
 i = i + 1
-local function plain(v)  -- an integer Redis and Lua read alike, small enough to add exactly
-  return #v <= 15 and (v == '0' or string.find(v, '^%-?[1-9]%d*$') ~= nil)
-end
 for _ = 1, nhashes do
-  local key, nfields = ARGV[i], tonumber(ARGV[i + 1])
-  for s = 1, nfields, 1000 do  -- unpack() takes a few thousand values at most
-    local names, set = {}, {}
-    local e = math.min(s + 999, nfields)
-    for j = s, e do names[#names + 1] = ARGV[i + 2 * j] end
-    local old = redis.call('HMGET', key, unpack(names))
-    for j = s, e do
-      local name, add, cur = ARGV[i + 2 * j], ARGV[i + 2 * j + 1], old[j - s + 1]
-      if not cur then
-        set[#set + 1] = name; set[#set + 1] = add
-      elseif plain(cur) and plain(add) then
-        set[#set + 1] = name
-        set[#set + 1] = string.format('%.0f', tonumber(cur) + tonumber(add))
-      else
-        redis.call('HINCRBY', key, name, add)
+  local key, nnew, nincr = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
+  if nnew > 0 then
+    local n = ARGV[i + 1]
+    if redis.call('HINCRBY', key, ARGV[i], n) == tonumber(n) and nnew > 1 then
+      redis.call('HSET', key, unpack(ARGV, i + 2, i + 2 * nnew - 1))
+    else
+      for j = i + 2, i + 2 * nnew - 1, 2 do
+        redis.call('HINCRBY', key, ARGV[j], ARGV[j + 1])
       end
     end
-    if #set > 0 then redis.call('HSET', key, unpack(set)) end
+    i = i + 2 * nnew
   end
-  i = i + 2 + 2 * nfields
+  for _ = 1, nincr do
+    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
   redis.call('EXPIRE', key, ttl)
 end
 local nsets = tonumber(ARGV[i])

@@ -65,7 +65,7 @@ class Built:
     """A batch's Redis work, in the script's terms (see APPLY_LUA)."""
 
     bits: dict[str, dict[int, int]]  # bitmap key -> {offset: item number}
-    incr: list[str | int]  # per hash: key, nfields, field, n, field, n, ... (APPLY_LUA)
+    incr: list[str | int]  # per hash: key, nnew, nincr, field, n, field, n, ... (APPLY_LUA)
     hashes: int
     sadd: list[tuple[str, str]]
     hours: set[str]  # hours with WAK pending
@@ -186,7 +186,7 @@ class Hvs:
     ) -> set[int]:
         """Apply atomically unless a bit is set already; the item numbers whose bits were set.
 
-        `bits`: bitmap key -> {offset: item number}; `incr`: `hashes` times key, nfields,
+        `bits`: bitmap key -> {offset: item number}; `incr`: `hashes` times key, nnew, nincr,
         field, n, ... (see APPLY_LUA)
         """
         args: list[str | int] = [K.PAUSE_KEY, self._ttl, len(bits)]
@@ -238,7 +238,7 @@ class Hvs:
                 fs, fn = K.fx_field(t.hour, t.pair, "s"), K.fx_field(t.hour, t.pair, "n")
                 sums[fs] = sums.get(fs, 0) + t.price_sum
                 sums[fn] = sums.get(fn, 0) + 1
-            fx: list[str | int] = [K.FX_KEY, len(sums)]
+            fx: list[str | int] = [K.FX_KEY, 0, len(sums)]
             for f, v in sums.items():
                 fx += (f, v)
             seen = self._run_script(bits, 1, fx)
@@ -302,11 +302,11 @@ class Hvs:
         for (msisdn, day, category, usage_type), (ev, up, dn, s, zar, wk, zp) in groups.items():
             f = _fields(category, usage_type)
             key = K.usage_key(msisdn, day)
-            n = (wk != 0) + (zp != 0)  # only what is not 0
+            n = (wk != 0) + (zp != 0)  # wak and zp are also written by price_pending
             if category == "data":
-                add((key, 5 + n, f[0], ev, f[1], up, f[2], dn, f[3], up + dn, f[5], zar))
+                add((key, 5, n, f[0], ev, f[1], up, f[2], dn, f[3], up + dn, f[5], zar))
             else:
-                add((key, 3 + n, f[0], ev, f[4], s, f[5], zar))
+                add((key, 3, n, f[0], ev, f[4], s, f[5], zar))
             if wk:
                 add((f[6], wk))
             if zp:
@@ -320,7 +320,7 @@ class Hvs:
                 field = K.pending_field(K.usage_key(msisdn, day), category, usage_type)
                 by_hour.setdefault(hour, []).extend((field, zar))
             for hour, fv in by_hour.items():
-                add((K.pending_key(hour), len(fv) // 2, *fv))
+                add((K.pending_key(hour), 0, len(fv) // 2, *fv))
                 hours.add(hour)
                 sadd.append((K.PENDING_INDEX, hour))
             hashes += len(by_hour)
