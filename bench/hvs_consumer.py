@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-file", type=int, default=250, help="the starter: 1000")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vs", type=Path, help="another checkout of the project (B)")
+    parser.add_argument(
+        "--this", type=Path, default=Path(PROJECT_ROOT), help="the checkout measured as A"
+    )
     args = parser.parse_args(argv)
-    trees = {"A (this)": Path(PROJECT_ROOT)}
+    trees = {"A (this)": args.this.resolve()}
     if args.vs:
         trees["B (vs)"] = args.vs.resolve()
     private = PrivateRedis()
