@@ -89,10 +89,16 @@ def hvs_bytes(redis_url: str) -> dict:
         pipe.memory_usage(k, samples=0)
     sizes = pipe.execute()
     usage = [s for k, s in zip(keys, sizes, strict=True) if k.startswith(b"hvs:u:")]
+    kinds: dict[str, list[int]] = {}
+    for k, size in zip(keys, sizes, strict=True):
+        kinds.setdefault(k.decode().split(":")[1], [0, 0])
+        kinds[k.decode().split(":")[1]][0] += 1
+        kinds[k.decode().split(":")[1]][1] += size
     return {
         "subscriber_days": len(usage),
         "hash_bytes": sum(usage) / max(1, len(usage)),
         "all_bytes_per_subscriber_day": sum(sizes) / max(1, len(usage)),
+        "by_kind": {kind: {"keys": n, "bytes": b} for kind, (n, b) in sorted(kinds.items())},
     }
 
 
@@ -182,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         for name, results in runs.items():
+            print(f"{name}: HVS keys by kind {results[-1]['by_kind']}")
             rates = [r["events_per_s"] for r in results]
             print(
                 f"{name}: median {statistics.median(rates):,.0f} events/s "

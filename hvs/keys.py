@@ -11,8 +11,8 @@ All keys live in the HVS database (REDIS_URL, db 0) under the prefix `hvs:`.
   `{source_file}:{line_no}` is applied.
 - `hvs:fx` (hash): tick sums per hour and pair, `{YYYYmmddHH}:{pair}:s` (sum of bid + ask in
   1e-10 units) and `{YYYYmmddHH}:{pair}:n` (tick count).
-- `hvs:fxseen:{pair}:{YYYYmmddHH}` (bitmap): bit `10 ms slot of the hour` is set once a tick of
-  that pair and slot is applied.
+- `hvs:fxs:{pair}:{YYYYmmddHH}` (bitmap): bit `100 ms slot of the hour` is set once a tick of
+  that pair and slot is applied (4.5 kB a pair-hour; `FX_SLOT_MS`).
 - `hvs:wakpend` (set): hours (`YYYYmmddHH`) with usage whose WAK cost waits for a rate;
   `hvs:wakpend:{YYYYmmddHH}` (hash): field `{usage key}|{category}:{usage_type}` -> ZAR units
   waiting for that hour's rate.
@@ -46,8 +46,11 @@ PENDING_INDEX = f"{PREFIX}wakpend"
 REJECTED_KEY = f"{PREFIX}rejected"
 REJECTED_MAX = 10_000
 PAUSE_KEY = f"{PREFIX}pause"
-FX_SLOT_MS = 10
-"""Tick de-duplication resolution: ticks of one pair are >= 400 ms apart by the data contract."""
+FX_SLOT_MS = 100
+"""Tick de-duplication resolution: ticks of one pair are >= 400 ms apart by the data contract.
+(It was 10 ms, under the key `hvs:fxseen:`: a bitmap of 45 kB a pair-hour, 63 B per
+subscriber-day at the starter. The key changed with it, so no bit is read at another
+resolution; a redelivery across the change can count its ticks again, as a rebuild repairs.)"""
 
 EVENTS = "ev"
 UP = "up"
@@ -170,7 +173,7 @@ def usage_pattern(day: str) -> str:
 
 
 def fx_seen_key(pair: str, hour: str) -> str:
-    return f"{PREFIX}fxseen:{pair}:{hour}"
+    return f"{PREFIX}fxs:{pair}:{hour}"
 
 
 def pending_key(hour: str) -> str:

@@ -2,7 +2,7 @@
 usage that waited for a rate.
 
 Every event has an id (CDR: `source_file:line_no`, a bit in a per-file bitmap; tick: pair, hour
-and 10 ms slot). One Lua script (`store.lua`) checks a batch's bits, and only if none is set yet
+and 100 ms slot). One Lua script (`store.lua`) checks a batch's bits, and only if none is set yet
 sets them all and applies all the batch's increments, atomically; if some are set (a redelivery
 or a republish), it changes nothing and returns them, and the batch is rebuilt without them.
 """
