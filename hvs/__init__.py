@@ -8,7 +8,7 @@ Per msisdn, day, category and usage type it keeps events, bytes (up, down, total
 and the cost in ZAR and WAK (hvs/keys.py has the layout, docs/usage-api.md the rules).
 
 Exactly-once effect: every event has an id (CDR: `source_file:line_no`, a bit in a per-file
-bitmap; tick: pair, hour and 10 ms slot). One Lua script checks the batch's bits, and only if none
+bitmap; tick: pair, hour and 100 ms slot). One Lua script checks the batch's bits, and only if none
 is set yet sets them all and applies all the batch's increments, atomically; if some are set
 (a redelivery or a republish), it changes nothing and returns them, and the batch is rebuilt
 without them. The stream is committed only after Redis answered, so a crash anywhere re-delivers

@@ -31,7 +31,7 @@ class BadEvent(BadInput):
 class TickEvent:
     pair: str
     hour: str
-    slot: int  # 10 ms slot within the hour
+    slot: int  # FX_SLOT_MS slot within the hour
     price_sum: int  # bid + ask, 1e-10 units
 
 
@@ -215,7 +215,7 @@ def cdr_category(topic: str, topics: dict[str, str] | None = None) -> str:
 
 def decode_tick(msg: Message, window: TickWindow | None = None) -> TickEvent:
     """A tick, read by the one tick decoder (`ingestion.tick_format`, the tick sink's too), as
-    the HVS keeps it: hour, 10 ms slot and bid + ask in 1e-10 units. Raises BadInput (a
+    the HVS keeps it: hour, slot (FX_SLOT_MS) and bid + ask in 1e-10 units. Raises BadInput (a
     `BadTick`) with the reason."""
     t = tick_format.decode_tick(msg.value, PAIRS, window or _DEFAULT_WINDOW)
     return tick_event(t.pair_name, t.tick_ts, t.bid_price, t.ask_price)
@@ -225,10 +225,10 @@ def tick_event(pair: str, ts: datetime, bid: Decimal, ask: Decimal) -> TickEvent
     """A decoded tick as the HVS keeps it (the stream's and the rebuild's, from the raw table)."""
     ms = (ts.minute * 60 + ts.second) * 1000 + ts.microsecond // 1000
     return TickEvent(
-        pair=pair,
-        hour=ts.strftime("%Y%m%d%H"),
-        slot=ms // K.FX_SLOT_MS,
-        price_sum=K.to_units(bid) + K.to_units(ask),
+        pair,
+        f"{ts.year:04d}{ts.month:02d}{ts.day:02d}{ts.hour:02d}",  # strftime's %Y%m%d%H
+        ms // K.FX_SLOT_MS,
+        K.to_units(bid + ask),  # exact: both have at most MONEY_SCALE decimals (the decoder's)
     )
 
 

@@ -2,14 +2,17 @@
 
 All keys live in the HVS database (REDIS_URL, db 0) under the prefix `hvs:`.
 
-- `hvs:u:{msisdn}:{YYYYmmdd}` (hash): the usage of one subscriber-day, one field per
-  `{category}:{usage_type}:{metric}`.
+- `hvs:u:{msisdn}:{YYYYmmdd}` (hash): the usage of one subscriber-day, one field per category,
+  usage type and metric (`usage_field`): two letters for the contract's usage types (`ve` =
+  data video events; `USAGE_CODES`, `METRIC_CODES`), `{category}:{usage_type}:{metric}` for any
+  other type. Short names keep a subscriber-day's hash small (a listpack of a few hundred
+  bytes); readers go through `parse_usage`, which reads the long form too.
 - `hvs:seen:{source_file}` (bitmap): bit `line_no` is set once the CDR event
   `{source_file}:{line_no}` is applied.
 - `hvs:fx` (hash): tick sums per hour and pair, `{YYYYmmddHH}:{pair}:s` (sum of bid + ask in
   1e-10 units) and `{YYYYmmddHH}:{pair}:n` (tick count).
-- `hvs:fxseen:{pair}:{YYYYmmddHH}` (bitmap): bit `10 ms slot of the hour` is set once a tick of
-  that pair and slot is applied.
+- `hvs:fxs:{pair}:{YYYYmmddHH}` (bitmap): bit `100 ms slot of the hour` is set once a tick of
+  that pair and slot is applied (4.5 kB a pair-hour; `FX_SLOT_MS`).
 - `hvs:wakpend` (set): hours (`YYYYmmddHH`) with usage whose WAK cost waits for a rate;
   `hvs:wakpend:{YYYYmmddHH}` (hash): field `{usage key}|{category}:{usage_type}` -> ZAR units
   waiting for that hour's rate.
@@ -18,10 +21,11 @@ All keys live in the HVS database (REDIS_URL, db 0) under the prefix `hvs:`.
 - `hvs:pause` (hash, field `owner`, expires): set while a rebuild from the raw tables writes a
   day; the consumer's apply script changes nothing while it exists (hvs/rebuild.py).
 
-Metrics of a usage field: `ev` events, `up` / `dn` / `by` up, down and total bytes (data only),
-`s` call seconds (calls only), `zar` cost in ZAR and `wak` cost in WAK, both integers in units of
-1e-10 (`MONEY_SCALE`), and `zp` the ZAR cost (1e-10 units) of events whose WAK cost is still
-pending (no rate known yet). Every key expires `retention` after its last write.
+Metrics of a usage field: `ev` events, `up` / `dn` up and down bytes (data only; their total is
+their sum, not stored), `s` call seconds (calls only), `zar` cost in ZAR and `wak` cost in WAK,
+both integers in units of 1e-10 (`MONEY_SCALE`), and `zp` the ZAR cost (1e-10 units) of events
+whose WAK cost is still pending (no rate known yet). Every key expires `retention` after its
+last write.
 """
 
 from __future__ import annotations
@@ -42,8 +46,11 @@ PENDING_INDEX = f"{PREFIX}wakpend"
 REJECTED_KEY = f"{PREFIX}rejected"
 REJECTED_MAX = 10_000
 PAUSE_KEY = f"{PREFIX}pause"
-FX_SLOT_MS = 10
-"""Tick de-duplication resolution: ticks of one pair are >= 400 ms apart by the data contract."""
+FX_SLOT_MS = 100
+"""Tick de-duplication resolution: ticks of one pair are >= 400 ms apart by the data contract.
+(It was 10 ms, under the key `hvs:fxseen:`: a bitmap of 45 kB a pair-hour, 63 B per
+subscriber-day at the starter. The key changed with it, so no bit is read at another
+resolution; a redelivery across the change can count its ticks again, as a rebuild repairs.)"""
 
 EVENTS = "ev"
 UP = "up"
@@ -60,8 +67,46 @@ def usage_key(msisdn: str, day: str) -> str:
     return f"{PREFIX}u:{msisdn}:{day}"
 
 
+USAGE_CODES: Final = {
+    ("data", "video"): "v",
+    ("data", "audio"): "a",
+    ("data", "image"): "i",
+    ("data", "text"): "t",
+    ("data", "application"): "p",
+    ("call", "voice"): "V",
+    ("call", "video"): "W",
+}
+"""One letter for each (category, usage type) of the CDR contract (`ingestion.cdr_format`)."""
+METRIC_CODES: Final = {
+    EVENTS: "e",
+    UP: "u",
+    DOWN: "d",
+    BYTES: "b",
+    SECONDS: "s",
+    ZAR: "z",
+    WAK: "w",
+    ZAR_PENDING: "p",
+}
+_GROUP_OF_CODE = {code: group for group, code in USAGE_CODES.items()}
+_METRIC_OF_CODE = {code: metric for metric, code in METRIC_CODES.items()}
+
+
 def usage_field(category: str, usage_type: str, metric: str) -> str:
-    return f"{category}:{usage_type}:{metric}"
+    """The usage hash field of a metric: two letters for a contract usage type, else the long
+    form `{category}:{usage_type}:{metric}`."""
+    group, code = USAGE_CODES.get((category, usage_type)), METRIC_CODES.get(metric)
+    if group is None or code is None:
+        return f"{category}:{usage_type}:{metric}"
+    return group + code
+
+
+def split_usage_field(name: str) -> tuple[str, str, str]:
+    """(category, usage_type, metric) of a usage hash field, short or long form; ValueError if
+    it is neither."""
+    if len(name) == 2 and name[0] in _GROUP_OF_CODE and name[1] in _METRIC_OF_CODE:
+        return (*_GROUP_OF_CODE[name[0]], _METRIC_OF_CODE[name[1]])
+    category, usage_type, metric = name.split(":", 2)
+    return category, usage_type, metric
 
 
 def seen_key(source_file: str) -> str:
@@ -128,7 +173,7 @@ def usage_pattern(day: str) -> str:
 
 
 def fx_seen_key(pair: str, hour: str) -> str:
-    return f"{PREFIX}fxseen:{pair}:{hour}"
+    return f"{PREFIX}fxs:{pair}:{hour}"
 
 
 def pending_key(hour: str) -> str:
@@ -181,10 +226,11 @@ UsageHash = dict[bytes | str, bytes | str]
 
 
 def parse_usage(raw: UsageHash) -> dict[tuple[str, str], dict[str, int]]:
-    """{(category, usage_type): {metric: value}} of one usage hash."""
+    """{(category, usage_type): {metric: value}} of one usage hash; a metric written in both
+    field forms (a hash begun before the short names) is their sum."""
     out: dict[tuple[str, str], dict[str, int]] = {}
     for f, v in raw.items():
-        name = f.decode() if isinstance(f, bytes) else f
-        category, usage_type, metric = name.split(":", 2)
-        out.setdefault((category, usage_type), {})[metric] = int(v)
+        category, usage_type, metric = split_usage_field(f.decode() if isinstance(f, bytes) else f)
+        metrics = out.setdefault((category, usage_type), {})
+        metrics[metric] = metrics.get(metric, 0) + int(v)
     return out

@@ -2,7 +2,7 @@
 usage that waited for a rate.
 
 Every event has an id (CDR: `source_file:line_no`, a bit in a per-file bitmap; tick: pair, hour
-and 10 ms slot). One Lua script (`store.lua`) checks a batch's bits, and only if none is set yet
+and 100 ms slot). One Lua script (`store.lua`) checks a batch's bits, and only if none is set yet
 sets them all and applies all the batch's increments, atomically; if some are set (a redelivery
 or a republish), it changes nothing and returns them, and the batch is rebuilt without them.
 """
@@ -303,8 +303,8 @@ class Hvs:
             f = _fields(category, usage_type)
             key = K.usage_key(msisdn, day)
             n = (wk != 0) + (zp != 0)  # wak and zp are also written by price_pending
-            if category == "data":
-                add((key, 5, n, f[0], ev, f[1], up, f[2], dn, f[3], up + dn, f[5], zar))
+            if category == "data":  # the total (up + dn) is not stored: readers add them
+                add((key, 4, n, f[0], ev, f[1], up, f[2], dn, f[5], zar))
             else:
                 add((key, 3, n, f[0], ev, f[4], s, f[5], zar))
             if wk:
@@ -363,9 +363,10 @@ class Hvs:
                                 bad.append((f, v, parsed))
                                 continue
                             key, category, usage_type, zar = parsed
-                            p = f"{category}:{usage_type}:"
-                            pipe.hincrby(key, p + K.WAK, wak_units_oracle(zar, rate))
-                            pipe.hincrby(key, p + K.ZAR_PENDING, -zar)
+                            wak = K.usage_field(category, usage_type, K.WAK)
+                            zp = K.usage_field(category, usage_type, K.ZAR_PENDING)
+                            pipe.hincrby(key, wak, wak_units_oracle(zar, rate))
+                            pipe.hincrby(key, zp, -zar)
                             pipe.expire(key, self._ttl)
                         pipe.delete(pkey)
                         pipe.srem(K.PENDING_INDEX, hour)

@@ -15,7 +15,9 @@ from common.poison import BadInput, check_json_shape, decode
 from hvs import keys as K
 from hvs.decode import cdr_category, decode_tick, load_cdr
 from ingestion import pgoutput as po
+from ingestion import tick_format
 from ingestion.cdr_format import kind_of, parse_line
+from ingestion.generators.forex import tick_value
 from ingestion.stream import Message
 from ingestion.tick_format import TickWindow
 from ingestion.tick_sink import parse_tick
@@ -73,6 +75,51 @@ def test_tick_decoders_give_a_value_or_a_reason_and_agree(value: bytes) -> None:
         assert not isinstance(hvs, BadInput)
         assert hvs.price_sum == K.to_units(sink.bid_price) + K.to_units(sink.ask_price)
         assert hvs.hour == sink.tick_ts.strftime("%Y%m%d%H") and len(hvs.hour) == 10
+
+
+plain_prices = st.builds(
+    lambda whole, frac: f"{whole}.{frac}" if frac else str(whole),
+    st.one_of(st.integers(0, 2), st.integers(0, 10**6 + 1), st.sampled_from([999999, 1000000])),
+    st.one_of(st.just(""), st.text("0123456789", min_size=1, max_size=11)),
+)
+"""Numbers as JSON writes them: the contract's form (the decoder's fast path) and its edges."""
+
+
+@st.composite
+def contract_ticks(draw: st.DrawFn) -> bytes:
+    """Ticks in the producers' own form (`json.dumps`), times around the window's edges."""
+    ts = draw(
+        st.one_of(
+            st.datetimes(min_value=datetime(1999, 12, 31), max_value=datetime(2000, 1, 2)),
+            st.datetimes(min_value=NOW, max_value=NOW + timedelta(days=2)),
+            st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2030, 1, 1)),
+        )
+    )
+    text = draw(st.sampled_from([f"{ts:%Y-%m-%d %H:%M:%S.%f}", f"{ts:%Y-%m-%d %H:%M:%S}"]))
+    pair = draw(st.sampled_from([*PAIRS, "EURUSD", "MRV/ZAR"]))
+    bid, ask, spread = (draw(plain_prices) for _ in range(3))
+    return (
+        f'{{"timestamp": "{text}", "pair_name": "{pair}", "bid_price": {bid}, '
+        f'"ask_price": {ask}, "spread": {spread}}}'
+    ).encode()
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(contract_ticks(), tick_like()), st.sampled_from([None, NOW]))
+def test_tick_fast_path_gives_what_the_checked_decoder_gives(value: bytes, now: datetime | None):
+    """The contract's form takes a fast path (no JSON parser); any value decodes to the same
+    tick, or is refused with the same reason, as by the full decoder with every check."""
+    window = TickWindow()
+    fast = decode(lambda: tick_format.decode_tick(value, PAIRS, window, now))
+    full = decode(lambda: tick_format.decode_tick_checked(value, PAIRS, window, now))
+    assert type(fast) is type(full)
+    assert repr(fast) == repr(full)  # the same reason, or the same tick down to each Decimal
+
+
+def test_producers_ticks_take_the_fast_path() -> None:
+    value = tick_value("MRVZAR", datetime(2024, 1, 1, 12, 30, 1, 250_000), 18.1234, 0.0123)
+    fast = tick_format._decode_contract(value, PAIRS, TickWindow(), None)
+    assert fast is not None and fast == tick_format.decode_tick_checked(value, PAIRS, TickWindow())
 
 
 @given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 1, 1)))

@@ -4,6 +4,7 @@ republished batches, rejected messages, and the follow mode with SIGTERM."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -140,7 +141,6 @@ def expected_usage(
             if cat == "data":
                 h[p + "up"] += e["up_bytes"]
                 h[p + "dn"] += e["down_bytes"]
-                h[p + "by"] += total
             else:
                 h[p + "s"] += e["call_duration_sec"]
             h[p + "zar"] += K.to_units(zar)
@@ -153,12 +153,20 @@ def expected_usage(
 
 
 def stored_usage(client: redis.Redis) -> dict[str, dict[str, int]]:
+    """{usage key: {`category:usage_type:metric`: value}} as stored (read through the layout)."""
     out = {}
     for key in client.scan_iter(match="hvs:u:*", count=1000):
         out[key.decode()] = {
-            f.decode(): int(v) for f, v in client.hgetall(key).items() if int(v) != 0
+            f"{category}:{usage_type}:{metric}": v
+            for (category, usage_type), metrics in K.parse_usage(client.hgetall(key)).items()
+            for metric, v in metrics.items()
+            if v != 0
         }
     return out
+
+
+def stored_group(client: redis.Redis, key: str, category: str, usage_type: str) -> dict:
+    return K.parse_usage(client.hgetall(key))[(category, usage_type)]
 
 
 def settings_for(stack, **kw) -> HvsSettings:
@@ -361,8 +369,8 @@ def test_duplicates_inside_one_batch_count_once(stack, hvs_env, redis_client):
     assert (res.applied, res.duplicates) == (1, 2)
     res = hvs.process([msg("cdr-data", orjson.dumps(e), "2-0")])
     assert (res.applied, res.duplicates) == (0, 1)
-    stored = redis_client.hgetall(K.usage_key("0123456789012", "20240101"))
-    assert stored[b"data:text:ev"] == b"1" and stored[b"data:text:by"] == b"300"
+    stored = stored_group(redis_client, K.usage_key("0123456789012", "20240101"), "data", "text")
+    assert stored[K.EVENTS] == 1 and stored[K.UP] + stored[K.DOWN] == 300
 
 
 def test_runs_of_lines_partly_applied_apply_the_rest_exactly(stack, hvs_env, redis_client):
@@ -389,29 +397,61 @@ def test_runs_of_lines_partly_applied_apply_the_rest_exactly(stack, hvs_env, red
     res = hvs.process(batch(second, 2))
     assert (res.applied, res.duplicates) == (len(set(second) - set(first)), 6)
     assert [n for n in range(64) if redis_client.getbit(bits, n)] == sorted(set(first + second))
-    stored = redis_client.hgetall(K.usage_key("0123", "20240101"))
-    assert stored[b"data:text:ev"] == str(len(set(first + second))).encode()
-    assert stored[b"data:text:by"] == str(3 * len(set(first + second))).encode()
+    stored = stored_group(redis_client, K.usage_key("0123", "20240101"), "data", "text")
+    assert stored[K.EVENTS] == len(set(first + second))
+    assert stored[K.UP] + stored[K.DOWN] == 3 * len(set(first + second))
 
 
 def test_a_new_group_beside_fields_written_by_pricing_still_adds(stack, hvs_env, redis_client):
     """A usage group's first event writes its fields in one HSET; `wak` and `zp`, which WAK
     pricing also writes (even into a key that expired meanwhile), are always added to."""
     key = K.usage_key("0123456789012", "20240101")
-    redis_client.hset(key, mapping={"data:text:wak": 5, "data:text:zp": -3})
+    field = functools.partial(K.usage_field, "data", "text")
+    redis_client.hset(key, mapping={field(K.WAK): 5, field(K.ZAR_PENDING): -3})
     e = data_event("0123456789012", datetime(2024, 1, 1, 5), 100, 200, "text", "p.csv", 2)
     assert Hvs(hvs_env).process([msg("cdr-data", orjson.dumps(e))]).applied == 1
     zar = data_zar_units(300)
-    got = {f.decode(): int(v) for f, v in redis_client.hgetall(key).items()}
-    assert got == {
-        "data:text:ev": 1,
-        "data:text:up": 100,
-        "data:text:dn": 200,
-        "data:text:by": 300,
-        "data:text:zar": zar,
-        "data:text:wak": 5,
-        "data:text:zp": zar - 3,  # no rate known: the ZAR waits
+    assert K.parse_usage(redis_client.hgetall(key)) == {
+        ("data", "text"): {
+            K.EVENTS: 1,
+            K.UP: 100,
+            K.DOWN: 200,
+            K.ZAR: zar,
+            K.WAK: 5,
+            K.ZAR_PENDING: zar - 3,  # no rate known: the ZAR waits
+        }
     }
+
+
+def test_a_batch_with_thousands_of_fields_in_one_hash_applies_whole(stack, hvs_env, redis_client):
+    """One batch's WAK-pending ZAR of 6000 usage groups in one hour goes to one hash: its 6000
+    fields are added in chunks (Lua's unpack takes a few thousand values), every event counted."""
+    ts = datetime(2024, 1, 1, 5)
+    events = [
+        data_event(f"27{n:011d}", ts, 100, 200 + n, "text", "many.csv", n + 2) for n in range(6000)
+    ]
+    hvs = Hvs(hvs_env)
+    res = hvs.process([msg("cdr-data", orjson.dumps(e), f"1-{i}") for i, e in enumerate(events)])
+    assert (res.applied, res.duplicates) == (6000, 0)
+    pending = redis_client.hgetall(K.pending_key("2024010105"))
+    assert len(pending) == 6000
+    want = sum(data_zar_units(300 + n) for n in range(6000))
+    assert sum(int(v) for v in pending.values()) == want
+    for n in (0, 5999):
+        got = K.parse_usage(redis_client.hgetall(K.usage_key(f"27{n:011d}", "20240101")))
+        assert got[("data", "text")][K.EVENTS] == 1 and got[("data", "text")][K.DOWN] == 200 + n
+
+
+def test_sums_beyond_what_lua_adds_exactly_are_left_to_redis(stack, hvs_env, redis_client):
+    """A stored value of more than 15 digits (or not a plain integer) is added to by HINCRBY,
+    exact in 64 bits, never by Lua's doubles."""
+    key = K.usage_key("0123456789012", "20240101")
+    big = 2**62 + 1  # not a double
+    redis_client.hset(key, K.usage_field("data", "text", K.ZAR_PENDING), big)
+    e = data_event("0123456789012", datetime(2024, 1, 1, 5), 100, 200, "text", "big.csv", 2)
+    assert Hvs(hvs_env).process([msg("cdr-data", orjson.dumps(e))]).applied == 1
+    got = K.parse_usage(redis_client.hgetall(key))[("data", "text")]
+    assert got[K.ZAR_PENDING] == big + data_zar_units(300) and got[K.EVENTS] == 1
 
 
 def test_wak_pending_until_a_rate_is_known(stack, hvs_env, redis_client):

@@ -177,8 +177,8 @@ def test_malformed_redis_entries_written_by_another_process_are_quarantined(stac
     assert set(redis_client.hkeys(K.FX_KEY)) == {
         f"2024010100:{pair}:{what}".encode() for pair in ("MRVZAR", "WAKMRV") for what in "sn"
     }
-    usage = redis_client.hgetall(K.usage_key("2700000000001", "20240101"))
-    assert usage[b"call:voice:ev"] == b"1" and usage[b"call:voice:s"] == b"60"
+    usage = K.parse_usage(redis_client.hgetall(K.usage_key("2700000000001", "20240101")))
+    assert usage[("call", "voice")][K.EVENTS] == 1 and usage[("call", "voice")][K.SECONDS] == 60
 
 
 # -- the CDR loader: every file ends in one visible state -------------------------------------
@@ -188,10 +188,10 @@ def _usage_totals(client) -> dict[str, int]:
     """Events, bytes and call seconds summed over every usage hash of the HVS."""
     out = {"ev": 0, "by": 0, "s": 0}
     for key in client.scan_iter(match="hvs:u:*", count=1000):
-        for f, v in client.hgetall(key).items():
-            metric = f.decode().rsplit(":", 1)[1]
-            if metric in out:
-                out[metric] += int(v)
+        for metrics in K.parse_usage(client.hgetall(key)).values():
+            out["ev"] += metrics.get(K.EVENTS, 0)
+            out["by"] += metrics.get(K.UP, 0) + metrics.get(K.DOWN, 0)
+            out["s"] += metrics.get(K.SECONDS, 0)
     return out
 
 

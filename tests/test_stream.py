@@ -344,6 +344,28 @@ def test_redis_key_layout_and_retention(stack) -> None:
         raw.close()
 
 
+def test_redis_publish_many_in_batches_and_an_error_reply(stack) -> None:
+    """Batches of packed XADDs: every entry lands in order with its key; an error reply (the key
+    is not a stream) is a StreamError, and the producer goes on publishing afterwards."""
+    url, topic, bad = stack.stream_url, fresh("t"), fresh("t")
+    raw = redis.Redis.from_url(url)
+    try:
+        raw.set(stream_key(bad), "not a stream")
+        with open_producer(url) as producer:
+            with pytest.raises(StreamError, match="WRONGTYPE"):
+                producer.publish_many(bad, ((b"k", b"v", None) for _ in range(10)))
+            n = producer.publish_many(
+                topic, ((b"k%d" % (i % 3), b"%d" % i, None) for i in range(4500))
+            )
+            assert n == 4500
+        entries = raw.xrange(stream_key(topic))
+        assert [int(f[b"v"]) for _, f in entries] == list(range(4500))
+        assert all(f == {b"v": f[b"v"], b"k": b"k%d" % (int(f[b"v"]) % 3)} for _, f in entries)
+    finally:
+        raw.delete(stream_key(bad))
+        raw.close()
+
+
 def test_bad_urls_and_arguments_are_clear_errors() -> None:
     with pytest.raises(StreamError, match="unsupported stream URL"):
         open_producer("amqp://localhost")
