@@ -6,7 +6,7 @@ SHA-256 hashes of the passwords, never the passwords (they come from `WTC_REDIS_
 | user | may |
 | --- | --- |
 | `admin` | everything (the stack's own bootstrap and the tests' fixtures) |
-| `hvs` | read and write the HVS keys (`hvs:*`); consume the CDR and tick streams |
+| `hvs` | read and write the HVS keys (`hvs:*`, RENAME a wrong-type key aside); consume streams |
 | `api` | read the usage hashes (`hvs:u:*`) with HGETALL; nothing else |
 | `cdr_loader` | append (XADD, trimmed by time: MINID) to the CDR streams |
 | `tick_sink` | consume the tick stream (it writes its ticks to Postgres, not to Redis) |
@@ -58,7 +58,8 @@ RULES: dict[str, str] = {
     "admin": "~* &* +@all",
     "hvs": (
         f"{_keys(HVS_PREFIX + '*')} {_CONNECT} +@hash +@bitmap +@set +@list +setrange +expire "
-        "+del +eval +evalsha +script|load +@transaction -@admin -@dangerous +scan "
+        "+del +eval +evalsha +script|load +@transaction -@admin -@dangerous +scan +type "
+        "+rename "
         f"{_consumer(*CDR_STREAMS, TICK_STREAM)}"
     ),
     "api": f"{_keys(usage_key('*', '*'), mode='%R')} {_CONNECT} +hgetall",
