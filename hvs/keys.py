@@ -18,6 +18,9 @@ All keys live in the HVS database (REDIS_URL, db 0) under the prefix `hvs:`.
   waiting for that hour's rate.
 - `hvs:rejected` (list): rejected stream messages (JSON: topic, position, reason, value), newest
   first, capped at `REJECTED_MAX`.
+- `hvs:quarantine:{ms}:{key}` (any type, expires): a key of the layout that held another type
+  than the layout says (written there by hand), moved aside by the consumer with its content,
+  recorded in `hvs:rejected`; `{ms}` is when.
 - `hvs:pause` (hash, field `owner`, expires): set while a rebuild from the raw tables writes a
   day; the consumer's apply script changes nothing while it exists (hvs/rebuild.py).
 
@@ -46,6 +49,7 @@ PENDING_INDEX = f"{PREFIX}wakpend"
 REJECTED_KEY = f"{PREFIX}rejected"
 REJECTED_MAX = 10_000
 PAUSE_KEY = f"{PREFIX}pause"
+QUARANTINE_PREFIX = f"{PREFIX}quarantine:"
 FX_SLOT_MS = 100
 """Tick de-duplication resolution: ticks of one pair are >= 400 ms apart by the data contract.
 (It was 10 ms, under the key `hvs:fxseen:`: a bitmap of 45 kB a pair-hour, 63 B per

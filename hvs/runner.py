@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
@@ -23,7 +23,7 @@ from common.service import backoff
 from hvs.metrics import BATCH_SECONDS, ERRORS, LAG, RATE
 from hvs.settings import HvsSettings
 from hvs.store import BatchResult, Hvs, Paused, Prepared
-from ingestion.stream import Consumer, Message, StreamError, open_consumer
+from ingestion.stream import Consumer, Message, StreamError, backend, open_consumer
 
 log = logging.getLogger("hvs.runner")
 
@@ -64,6 +64,19 @@ def _retry(stop: threading.Event, what: str, fn: Callable[[], T]) -> T:
                 raise _Stopped from exc
 
 
+def stream_options(settings: HvsSettings, drain: bool) -> dict[str, Any]:
+    """The consumer's options for the stream backend. Redis Streams: consumers gone for
+    `gone_after_ms` give up their pending entries and leave the group; with `drain`, a consumer
+    idle `drain_gone_after_ms` counts as gone, looked for every half second, so that a drain
+    takes a dead consumer's entries at once. (Kafka: the broker removes a member after its
+    session timeout and hands its partitions on; nothing to set.)"""
+    if backend(settings.stream_url) == "kafka":
+        return {}
+    if drain:
+        return {"gone_after_ms": settings.drain_gone_after_ms, "claim_interval": 0.5}
+    return {"gone_after_ms": settings.gone_after_ms}
+
+
 def run(
     settings: HvsSettings,
     stop: threading.Event,
@@ -87,6 +100,7 @@ def run(
         [settings.data_topic, settings.voice_topic, settings.tick_topic],
         settings.group,
         consumer_name=settings.consumer_name,
+        **stream_options(settings, drain),
     )
     total = 0
     window_start, window_events = time.monotonic(), 0

@@ -25,6 +25,19 @@ class HvsSettings(ServiceSettings, TickRules):
     consumer_name: str | None = Field(
         default=None, description="stable name: a restart re-reads its own uncommitted entries"
     )
+    gone_after_ms: int = Field(
+        default=600_000,
+        ge=1000,
+        description="Redis Streams: a consumer of the group not heard from this long is gone: "
+        "its pending entries are claimed, then it is removed from the group",
+    )
+    drain_gone_after_ms: int = Field(
+        default=5_000,
+        ge=0,
+        description="the same with --drain: a consumer idle this long is taken for gone at once "
+        "(a live one polls every poll_timeout); a wrong guess costs only work, the HVS applies an "
+        "event once",
+    )
     data_topic: str = "cdr-data"
     voice_topic: str = "cdr-voice"
     tick_topic: str = "tick-data"

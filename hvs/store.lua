@@ -12,11 +12,43 @@
 -- there is any, nothing was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
 -- While the pause key exists (a rebuild from the raw tables is writing, hvs/rebuild.py), nothing
 -- is changed and the status PAUSED is returned: the consumer waits and applies the batch after.
-if redis.call('HLEN', ARGV[1]) > 0 then return redis.status_reply('PAUSED') end
+-- A key of another type than the script writes (written there by hand) would stop the script
+-- half-way: every key is checked first, and if any is of the wrong type nothing is changed and
+-- {'WRONGTYPE', key, found, wanted, ...} is returned (the caller moves those keys aside).
+local wrong = {}
+local function want(key, wanted)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= wanted and found ~= 'none' then
+    wrong[#wrong + 1] = key; wrong[#wrong + 1] = found; wrong[#wrong + 1] = wanted
+  end
+  return found
+end
+if want(ARGV[1], 'hash') == 'hash' then return redis.status_reply('PAUSED') end
 local ttl = ARGV[2]
 local nfiles = tonumber(ARGV[3])
 local dups, files = {}, {}
 local i = 4
+do  -- the type check: walks ARGV as the script does below, changes nothing
+  local j = 4
+  for _ = 1, nfiles do
+    want(ARGV[j], 'string')
+    j = j + 2 + 2 * tonumber(ARGV[j + 1])
+  end
+  local checked = {}
+  local n = tonumber(ARGV[j])
+  j = j + 1
+  for _ = 1, n do
+    if not checked[ARGV[j]] then checked[ARGV[j]] = true; want(ARGV[j], 'hash') end
+    j = j + 3 + 2 * (tonumber(ARGV[j + 1]) + tonumber(ARGV[j + 2]))
+  end
+  n = tonumber(ARGV[j])
+  j = j + 1
+  for _ = 1, n do
+    if not checked[ARGV[j]] then checked[ARGV[j]] = true; want(ARGV[j], 'set') end
+    j = j + 2
+  end
+end
+if #wrong > 0 then table.insert(wrong, 1, 'WRONGTYPE'); return wrong end
 local function getbits(key, f, offs)
   local n = #offs
   for s = 1, n, 1000 do

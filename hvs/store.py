@@ -109,6 +109,10 @@ def _runs(offsets: list[int]) -> list[int]:
     return out
 
 
+def _wrong_type(reply: object) -> bool:
+    return isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE")
+
+
 def _rejected_entry(topic: str, position: str, reason: str, value: bytes) -> bytes:
     """An `hvs:rejected` entry (JSON): where the bad input was (a stream topic and position, or
     a Redis key and field), why, and its first 2000 characters."""
@@ -146,7 +150,14 @@ class Hvs:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(K.FX_KEY)
         pipe.smembers(K.PENDING_INDEX)
-        fx, pending = pipe.execute()
+        fx, pending = pipe.execute(raise_on_error=False)
+        if _wrong_type(fx) or _wrong_type(pending):
+            for key, got, wanted in ((K.FX_KEY, fx, "hash"), (K.PENDING_INDEX, pending, "set")):
+                if _wrong_type(got):
+                    self._move_aside(key, self._type_of(key), wanted)
+            return self.refresh()
+        if isinstance(fx, Exception) or isinstance(pending, Exception):
+            raise fx if isinstance(fx, Exception) else pending
         bad_fx = self.rates.load(fx)
         for field, reason in bad_fx:
             self._quarantine(K.FX_KEY, field, fx[field], reason)
@@ -177,6 +188,33 @@ class Hvs:
             extra={"key": key, "field": field.decode(errors="replace")[:200], "reason": reason},
         )
 
+    def _type_of(self, key: str) -> str:
+        found = self.redis.type(key)
+        return found.decode() if isinstance(found, bytes) else str(found)
+
+    def _move_aside(self, key: str, found: str, wanted: str) -> None:
+        """Move a key of the layout that holds another type than it should (someone wrote
+        there by hand) to `hvs:quarantine:...`, with its content, and record it in the rejected
+        list with the reason; the key is then written afresh. Never fatal."""
+        dest = f"{K.QUARANTINE_PREFIX}{int(time.time() * 1000)}:{key}"
+        try:
+            self.redis.rename(key, dest)
+        except redis.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return  # gone meanwhile: nothing to move
+            raise
+        reason = f"holds a {found}, not a {wanted}: moved to {dest}"
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.expire(dest, self._ttl)
+        pipe.lpush(K.REJECTED_KEY, _rejected_entry(key, "", reason, b""))
+        pipe.ltrim(K.REJECTED_KEY, 0, K.REJECTED_MAX - 1)
+        pipe.execute()
+        EVENTS.labels("redis", "rejected").inc()
+        log.warning(
+            "a key of the wrong type moved aside",
+            extra={"key": key[:200], "reason": reason[:300]},
+        )
+
     def _run_script(
         self,
         bits: dict[str, dict[int, int]],
@@ -199,6 +237,13 @@ class Hvs:
         for member in sadd:
             args += member
         got = self._call_script(args)
+        while got and got[0] in (b"WRONGTYPE", "WRONGTYPE"):  # nothing was changed
+            for j in range(1, len(got), 3):
+                key, found, wanted = (
+                    x.decode() if isinstance(x, bytes) else x for x in got[j : j + 3]
+                )
+                self._move_aside(key, found, wanted)
+            got = self._call_script(args)
         if got in (b"PAUSED", "PAUSED"):
             raise Paused("a rebuild of the HVS is writing")
         if not got:
@@ -377,6 +422,11 @@ class Hvs:
                         break
                     except redis.WatchError:
                         continue
+                    except redis.ResponseError as exc:
+                        if not _wrong_type(exc):
+                            raise
+                        pipe.reset()
+                        self._move_aside(pkey, self._type_of(pkey), "hash")
             for f, _v, reason in bad:
                 EVENTS.labels(pkey, "rejected").inc()
                 log.warning(

@@ -126,8 +126,8 @@ def _hvs_env(stack, **extra: str) -> dict[str, str]:
         STREAM_URL=stack.stream_url,
         HVS_METRICS_PORT="0",
         HVS_POLL_TIMEOUT="0.1",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
@@ -329,3 +329,86 @@ def test_a_file_replaced_under_its_name_is_quarantined_and_raw_equals_hvs(
     _hvs_drain(stack)
     assert _raw_totals(stack) == before
     assert _usage_totals(redis_client) == before
+
+
+# -- the HVS consumer: keys of the wrong type ---------------------------------------------------
+
+
+def test_keys_of_the_wrong_type_are_moved_aside_and_the_consumer_goes_on(stack, redis_client):
+    """Someone SETs a string where the HVS keeps a hash (a usage key, `hvs:fx`), a hash where it
+    keeps a bitmap, a list where it keeps a set: the real consumer, logged in as its own Redis
+    user, stays up, moves each aside with its content and records it with the reason, counts
+    it, and applies the events as if the keys had not been there."""
+    import time
+    import urllib.request
+
+    from ops.stack import free_port
+
+    day, msisdn, other = "20240101", "2700000000001", "2700000000002"
+    usage, seen = K.usage_key(msisdn, day), K.seen_key("cdr_voice_20240101_000000.csv")
+    redis_client.set(usage, "garbage")
+    redis_client.set(K.FX_KEY, "not a hash")
+    redis_client.hset(seen, "f", "not a bitmap")
+    redis_client.rpush(K.PENDING_INDEX, "not a set")
+
+    def event(line: int, who: str) -> bytes:
+        return orjson.dumps(
+            {
+                "event_id": f"cdr_voice_20240101_000000.csv:{line}",
+                "msisdn": who,
+                "call_type": "voice",
+                "call_duration_sec": 60,
+                "start_time": "2024-01-01 00:10:00.000000",
+            }
+        )
+
+    port = free_port()
+    env = _hvs_env(
+        stack,
+        HVS_METRICS_PORT=str(port),
+        REDIS_URL=stack.settings.redis_url_for("hvs", 0),
+        STREAM_URL=stack.settings.redis_url_for("hvs", 1),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hvs"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        publish(stack.stream_url, "cdr-voice", [event(2, msisdn)])
+        deadline = time.monotonic() + 60
+        while redis_client.type(usage) != b"hash":
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the event on the wrong-type key was not applied"
+            time.sleep(0.05)
+        publish(stack.stream_url, "cdr-voice", [event(3, other)])  # the next good event
+        while not redis_client.exists(K.usage_key(other, day)):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the next event was not applied"
+            time.sleep(0.05)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    voice = K.parse_usage(redis_client.hgetall(usage))[("call", "voice")]
+    assert (voice["s"], voice["ev"]) == (60, 1)
+    assert (
+        K.parse_usage(redis_client.hgetall(K.usage_key(other, day)))[("call", "voice")]["ev"] == 1
+    )
+    assert redis_client.getbit(seen, 2) == 1 and redis_client.getbit(seen, 3) == 1
+    rejected = [orjson.loads(e) for e in redis_client.lrange(K.REJECTED_KEY, 0, -1)]
+    reasons = {e["topic"]: e["reason"] for e in rejected}
+    assert reasons[usage].startswith("holds a string, not a hash: moved to hvs:quarantine:")
+    assert reasons[K.FX_KEY].startswith("holds a string, not a hash: moved to ")
+    assert reasons[seen].startswith("holds a hash, not a string: moved to ")
+    assert reasons[K.PENDING_INDEX].startswith("holds a list, not a set: moved to ")
+    # the content is kept where the reason says, and expires with the HVS' retention
+    moved = reasons[usage].rsplit(" ", 1)[1]
+    assert redis_client.get(moved) == b"garbage"
+    assert redis_client.ttl(moved) > 0
+    assert redis_client.hgetall(reasons[seen].rsplit(" ", 1)[1]) == {b"f": b"not a bitmap"}
+    assert 'hvs_events_total{outcome="rejected",topic="redis"} 4.0' in body

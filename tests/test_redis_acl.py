@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from hvs.keys import FX_KEY, usage_key
-from ingestion.stream import stream_key
+from ingestion.stream import open_consumer, open_producer, stream_key
 from ops.stack.process import is_root
 
 
@@ -71,11 +71,18 @@ def test_each_process_user_may_do_its_job_and_no_more(stack, redis_client) -> No
     cdr, ticks = stream_key("cdr-data"), stream_key("tick-data")
     loader = client(stack, "cdr_loader", 1)
     loader.xadd(cdr, {"v": "1"})
+    # retention by time: the groups' positions, then XADD with MINID (ingestion.stream)
+    with open_producer(stack.settings.redis_url_for("cdr_loader", 1), trim_interval=0) as p:
+        p.publish("cdr-data", b"2")
+        assert p.trim_floor("cdr-data") is not None
     for attempt in (
         lambda: loader.xadd(ticks, {"v": "1"}),
+        lambda: loader.xinfo_groups(ticks),
         lambda: loader.xrange(cdr),
         lambda: loader.delete(cdr),
         lambda: loader.xtrim(cdr, maxlen=0),
+        lambda: loader.xtrim(cdr, minid="0-1"),
+        lambda: loader.xinfo_stream(cdr),
         lambda: client(stack, "cdr_loader").hset(usage_key("1", "20240101"), "f", 1),
     ):
         with pytest.raises(redis.exceptions.NoPermissionError):
@@ -87,14 +94,34 @@ def test_each_process_user_may_do_its_job_and_no_more(stack, redis_client) -> No
     entries = sink.xreadgroup("g", "c", {ticks: ">"})
     assert len(entries[0][1]) == 1
     assert sink.xack(ticks, "g", entries[0][1][0][0]) == 1
+    # a consumer removes consumers that are gone with a script: only its own rights inside
+    admin = redis.Redis.from_url(stack.stream_url)
+    admin.xgroup_createconsumer(ticks, "g", "gone")
+    admin.close()
+    with open_consumer(
+        stack.settings.redis_url_for("tick_sink", 1), ["tick-data"], "g", gone_after_ms=0
+    ) as consumer:
+        assert consumer.poll(max_messages=10, timeout=0.05) == []
+    assert "gone" not in {c["name"].decode() for c in sink.xinfo_consumers(ticks, "g")}
     for attempt in (
         lambda: sink.xadd(ticks, {"v": "2"}),
         lambda: sink.xgroup_create(cdr, "g", id="0"),
         lambda: sink.xdel(ticks, entries[0][1][0][0]),
+        lambda: sink.eval("return 1", 1, cdr),
         lambda: client(stack, "tick_sink").hset(FX_KEY, "f", 1),
     ):
         with pytest.raises(redis.exceptions.NoPermissionError):
             attempt()
+    for script in (  # inside a script, the same rights as outside
+        "return redis.call('XADD', KEYS[1], '*', 'v', 1)",
+        "return redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)",
+        "return redis.call('DEL', KEYS[1])",
+    ):
+        with pytest.raises(redis.exceptions.ResponseError, match="can't run this command"):
+            sink.eval(script, 1, ticks)
+    check = redis.Redis.from_url(stack.stream_url)
+    assert check.xlen(ticks) == 1
+    check.close()
 
     hvs = client(stack, "hvs")
     key = usage_key("27831234567", "20240101")

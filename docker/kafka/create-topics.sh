@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create the stack's topics once the 3-node cluster is healthy (idempotent: existing topics are
-# left as they are), with replication factor 3 and min.insync.replicas=2. The CRM change topics
+# left as they are), with replication factor 3, min.insync.replicas=2 and 35 days' retention
+# (as long as the HVS keeps usage; ops/stack/kafka.py PROJECT_TOPIC_CONFIG). The CRM change topics
 # are created here too, before any sink subscribes, so none is ever created with other
 # settings; Kafka Connect creates its own internal topics (and Debezium's heartbeat topic).
 # The local Kafka path (ops/stack/kafka.py) reads the TOPICS array below: one list for both.
@@ -23,6 +24,7 @@ TOPICS=(
 for spec in "${TOPICS[@]}"; do
     read -r name partitions replicas <<<"$spec"
     topics_ --create --if-not-exists --topic "$name" --partitions "$partitions" \
-        --replication-factor "$replicas" --config min.insync.replicas=2
+        --replication-factor "$replicas" --config min.insync.replicas=2 \
+        --config retention.ms=3024000000
 done
 topics_ --list

@@ -16,12 +16,13 @@ Per-topic order for a key is preserved. See docs/stream.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from ingestion.stream.base import (
     DEFAULT_CLAIM_IDLE_MS,
-    DEFAULT_MAXLEN,
+    DEFAULT_GONE_AFTER_MS,
+    DEFAULT_RETENTION_MS,
     REDIS_KEY_PREFIX,
     Consumer,
     Item,
@@ -35,7 +36,8 @@ from ingestion.stream.redis_streams import RedisConsumer, RedisProducer, stream_
 
 __all__ = [
     "DEFAULT_CLAIM_IDLE_MS",
-    "DEFAULT_MAXLEN",
+    "DEFAULT_GONE_AFTER_MS",
+    "DEFAULT_RETENTION_MS",
     "REDIS_KEY_PREFIX",
     "Consumer",
     "Item",
@@ -47,6 +49,7 @@ __all__ = [
     "RedisProducer",
     "Start",
     "StreamError",
+    "backend",
     "open_consumer",
     "open_producer",
     "stream_key",
@@ -60,12 +63,18 @@ def _scheme(url: str) -> str:
     raise StreamError(f"unsupported stream URL {url!r}: use kafka://host:port or redis://host/db")
 
 
+def backend(url: str) -> Literal["kafka", "redis"]:
+    """The backend a stream URL names (for options only one backend takes)."""
+    return "kafka" if _scheme(url) == "kafka" else "redis"
+
+
 def open_producer(url: str, **options: Any) -> Producer:
     """A producer for `url`.
 
-    Kafka options: `config` (extra librdkafka settings). Redis options: `maxlen` (approximate
-    entries kept per topic, None for no trimming; default 10 million), `batch_size` (entries per
-    pipeline in `publish_many`).
+    Kafka options: `config` (extra librdkafka settings). Redis options: `retention_ms` (entries
+    older than this are trimmed once every group acknowledged them, `XADD ... MINID ~`; default
+    35 days, None for no trimming), `trim_interval` (seconds between looks at the groups'
+    positions, default 10), `batch_size` (entries per pipeline in `publish_many`).
     """
     if _scheme(url) == "kafka":
         return KafkaProducer(url, **options)
@@ -85,7 +94,9 @@ def open_consumer(
 
     Kafka options: `config` (extra librdkafka settings). Redis options: `claim_idle_ms` (take over
     other consumers' pending entries idle this long; default 60 s, None to never claim),
-    `claim_interval` (seconds between claim scans, default 5).
+    `gone_after_ms` (a consumer of the group not heard from this long is gone: its pending entries
+    are claimed at once and it is removed from the group; default 10 min, None to keep every
+    consumer), `claim_interval` (seconds between claim scans, default 5).
     A stable `consumer_name` lets a restarted Redis consumer re-read its own uncommitted entries at
     once; without one, they come back via the idle claim.
     """

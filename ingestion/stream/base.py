@@ -16,11 +16,17 @@ log = logging.getLogger(__name__)
 REDIS_KEY_PREFIX = "stream:"
 """Redis Streams key layout: topic `T` lives in the stream key `stream:T`."""
 
-DEFAULT_MAXLEN = 10_000_000
-"""Redis Streams approximate retention per topic (entries), `XADD ... MAXLEN ~`."""
+DEFAULT_RETENTION_MS = 35 * 86_400_000
+"""Redis Streams retention by time (`XADD ... MINID ~`): entries older than this are trimmed once
+every group has acknowledged them. As long as the HVS keeps usage (35 days), so that the HVS can
+be rebuilt from the stream."""
 
 DEFAULT_CLAIM_IDLE_MS = 60_000
 """Redis Streams: pending entries idle this long are taken over from (presumed dead) consumers."""
+
+DEFAULT_GONE_AFTER_MS = 600_000
+"""Redis Streams: a consumer of the group not heard from this long is gone: its pending entries
+are claimed, then it is removed from the group."""
 
 Start = Literal["earliest", "latest"]
 Item = tuple[bytes | None, bytes, dict[str, bytes] | None]

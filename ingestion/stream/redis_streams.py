@@ -10,7 +10,8 @@ from typing import Any
 
 from ingestion.stream.base import (
     DEFAULT_CLAIM_IDLE_MS,
-    DEFAULT_MAXLEN,
+    DEFAULT_GONE_AFTER_MS,
+    DEFAULT_RETENTION_MS,
     REDIS_KEY_PREFIX,
     Item,
     Message,
@@ -52,15 +53,71 @@ def _entry_fields(
     return fields
 
 
+def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class RedisProducer(_Closing):
-    """XADD with approximate MAXLEN; `publish_many` pipelines batches of entries."""
+    """XADD with retention by time (`MINID ~`), never below what a group has not acknowledged;
+    `publish_many` pipelines batches of entries."""
 
     def __init__(
-        self, url: str, *, maxlen: int | None = DEFAULT_MAXLEN, batch_size: int = 2000
+        self,
+        url: str,
+        *,
+        retention_ms: int | None = DEFAULT_RETENTION_MS,
+        trim_interval: float = 10.0,
+        batch_size: int = 2000,
     ) -> None:
         self._redis = _redis_client(url)
-        self._maxlen = maxlen
+        self._retention_ms = retention_ms
+        self._trim_interval = trim_interval
         self._batch = max(1, batch_size)
+        # stream key -> (the MINID to trim to, when to look again)
+        self._minid: dict[str, tuple[str | None, float]] = {}
+
+    def trim_floor(self, topic: str) -> str | None:
+        """The id below which `topic`'s entries may go: older than the retention, and
+        acknowledged by every group (not below any group's oldest pending entry or its last
+        delivered one). None when there is nothing to trim or the groups cannot be read."""
+        import redis
+
+        if self._retention_ms is None:
+            return None
+        skey = stream_key(topic)
+        floor = (int(time.time() * 1000) - self._retention_ms, 0)
+        if floor[0] <= 0:
+            return None
+        try:
+            groups = self._redis.xinfo_groups(skey)
+            for group in groups:
+                floor = min(floor, _id_tuple(group["last-delivered-id"]))
+                if group["pending"]:
+                    oldest = self._redis.xpending(skey, group["name"])["min"]
+                    if oldest is not None:
+                        floor = min(floor, _id_tuple(oldest))
+        except redis.ResponseError as exc:
+            if "no such key" not in str(exc).lower():
+                log.warning(
+                    "stream groups unknown, not trimming", extra={"stream": skey, "error": str(exc)}
+                )
+                return None
+        return f"{floor[0]}-{floor[1]}"
+
+    def _trim_to(self, topic: str) -> str | None:
+        """The cached `trim_floor` of `topic`, looked up again every `trim_interval` seconds. A
+        floor from earlier is never above today's: groups only move forward."""
+        if self._retention_ms is None:
+            return None
+        cached = self._minid.get(topic)
+        now = time.monotonic()
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        floor = self.trim_floor(topic)
+        self._minid[topic] = (floor, now + self._trim_interval)
+        return floor
 
     def publish(
         self,
@@ -72,11 +129,12 @@ class RedisProducer(_Closing):
         import redis
 
         try:
+            minid = self._trim_to(topic)
             self._redis.xadd(
                 stream_key(topic),
                 _entry_fields(value, key, headers),
-                maxlen=self._maxlen,
-                approximate=True,
+                minid=minid,
+                approximate=minid is not None,
             )
         except redis.RedisError as exc:
             raise StreamError(f"redis publish to {topic!r} failed: {exc}") from exc
@@ -87,14 +145,16 @@ class RedisProducer(_Closing):
         pipeline packed and parsed every command in Python: most of the loader's publish)."""
         import redis
 
-        trim: tuple[bytes | str | int, ...] = ("*",)
-        if self._maxlen is not None:
-            trim = ("MAXLEN", "~", self._maxlen, "*")
-        head = (b"XADD", stream_key(topic), *trim)
+        skey = stream_key(topic)
         n = 0
         batch: list[tuple[bytes | str | int, ...]] = []
         try:
+            minid = self._trim_to(topic)
+            # trimmed once per round trip: the first entry of each batch carries the MINID
+            plain: tuple[bytes | str, ...] = (b"XADD", skey, b"*")
+            trimmed = (b"XADD", skey, b"MINID", b"~", minid, b"*") if minid else None
             for key, value, headers in items:
+                head = trimmed if trimmed is not None and not batch else plain
                 if headers:
                     fields: tuple[bytes | str, ...] = tuple(
                         x for kv in _entry_fields(value, key, headers).items() for x in kv
@@ -182,6 +242,25 @@ def _new_message(
     return m
 
 
+_REMOVE_GONE_LUA = """
+-- KEYS[1] a stream; ARGV group, this consumer's name, idle ms. Removes the group's other
+-- consumers idle at least that long that hold no pending entry; returns their names. One
+-- script, so that no consumer can take an entry between the check and the removal
+-- (XGROUP DELCONSUMER drops the pending entries of the consumer it removes).
+local gone = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for j = 1, #c, 2 do info[c[j]] = c[j + 1] end
+  if info['name'] ~= ARGV[2] and info['pending'] == 0
+      and info['idle'] >= tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    gone[#gone + 1] = info['name']
+  end
+end
+return gone
+"""
+
+
 class RedisConsumer(_Closing):
     """XREADGROUP consumer: own pending entries first, idle entries of others claimed, then new."""
 
@@ -195,6 +274,7 @@ class RedisConsumer(_Closing):
         start: Start = "earliest",
         claim_idle_ms: int | None = DEFAULT_CLAIM_IDLE_MS,
         claim_interval: float = 5.0,
+        gone_after_ms: int | None = DEFAULT_GONE_AFTER_MS,
     ) -> None:
         self._redis = _redis_client(url)
         self._topics = list(dict.fromkeys(topics))
@@ -204,6 +284,7 @@ class RedisConsumer(_Closing):
         self._start_id = "0" if start == "earliest" else "$"
         self._claim_idle_ms = claim_idle_ms
         self._claim_interval = claim_interval
+        self._gone_after_ms = gone_after_ms
         self._next_claim = 0.0
         self._claim_cursor = dict.fromkeys(self._by_key, "0-0")
         # Own pending entries, read from id 0 onwards once at start (crash before commit).
@@ -234,7 +315,7 @@ class RedisConsumer(_Closing):
         gone = []
         append = out.append
         for entry_id, fields in entries:
-            if not fields:  # pending entry trimmed away (MAXLEN) before it was processed
+            if not fields:  # pending entry deleted (XDEL, a trim by hand) before it was processed
                 gone.append(entry_id)
                 continue
             # the producer's layouts [v, value] and [v, value, k, key], without a dict
@@ -277,6 +358,64 @@ class RedisConsumer(_Closing):
                 if len(entries) >= count:
                     more.add(skey)
         self._replay = {k: v for k, v in self._replay.items() if k in more}
+
+    def _claim_from_gone(self, count: int, out: list[Message]) -> bool:
+        """Claim up to `count` pending entries of consumers not heard from for `gone_after_ms`
+        into `out`, then remove from the group every such consumer that holds nothing pending
+        any more. True when there may be more to claim."""
+        gone_after = self._gone_after_ms or 0
+        more = False
+        for skey in self._by_key:
+            for info in self._redis.xinfo_consumers(skey, self._group):
+                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+                if name == self._name or info["idle"] < gone_after or not info["pending"]:
+                    continue
+                room = count - len(out)
+                if room <= 0:
+                    return True
+                ids: list[bytes] = [
+                    p["message_id"]
+                    for p in self._redis.xpending_range(
+                        skey, self._group, min="-", max="+", count=room, consumername=name
+                    )
+                ]
+                more = more or len(ids) >= room
+                if not ids:
+                    continue
+                # min_idle_time: an entry the consumer touched since (it came back) stays its own
+                claimed = self._redis.xclaim(
+                    skey,
+                    self._group,
+                    self._name,
+                    min_idle_time=gone_after,
+                    message_ids=ids,
+                )
+                entries = [e for e in claimed if e[0] is not None]
+                if entries:
+                    log.info(
+                        "claimed the pending entries of a consumer that is gone",
+                        extra={
+                            "stream": skey,
+                            "group": self._group,
+                            "consumer": name,
+                            "count": len(entries),
+                        },
+                    )
+                    self._take(skey, entries, out)
+            # EVAL, not EVALSHA: every few seconds, and one command fewer in the ACL
+            removed = self._redis.eval(
+                _REMOVE_GONE_LUA, 1, skey, self._group, self._name, gone_after
+            )
+            if removed:
+                log.info(
+                    "removed consumers that are gone from the group",
+                    extra={
+                        "stream": skey,
+                        "group": self._group,
+                        "consumers": [n.decode() for n in removed],
+                    },
+                )
+        return more
 
     def _claim_idle(self, count: int, out: list[Message]) -> None:
         """Claim up to `count` idle entries of other consumers into `out` (empty on entry)."""
@@ -328,14 +467,14 @@ class RedisConsumer(_Closing):
                     if self._replay and len(out) < max_messages:
                         self._read_own_pending(max_messages - len(out), got)
                     now = time.monotonic()
-                    if (
-                        self._claim_idle_ms is not None
-                        and now >= self._next_claim
-                        and len(out) + len(got) < max_messages
-                    ):
+                    if now >= self._next_claim and len(out) + len(got) < max_messages:
                         self._next_claim = now + self._claim_interval
                         claimed: list[Message] = []
-                        self._claim_idle(max_messages - len(out) - len(got), claimed)
+                        room = max_messages - len(out) - len(got)
+                        if self._gone_after_ms is not None and self._claim_from_gone(room, claimed):
+                            self._next_claim = now  # more to take: again at the next poll
+                        if self._claim_idle_ms is not None and len(claimed) < room:
+                            self._claim_idle(room, claimed)
                         got += claimed
                     if len(out) + len(got) < max_messages and not self._replay:
                         block = None if out or got or timeout <= 0 else max(1, int(timeout * 1000))

@@ -60,7 +60,11 @@ log = logging.getLogger("ops.stack")
 NODES = 3
 TOPICS_SCRIPT = PROJECT_ROOT / "docker" / "kafka" / "create-topics.sh"
 WORKER_PROPERTIES = PROJECT_ROOT / "docker" / "kafka" / "connect-distributed.properties"
-PROJECT_TOPIC_CONFIG = {"min.insync.replicas": "2"}
+PROJECT_TOPIC_CONFIG = {
+    "min.insync.replicas": "2",
+    # as long as the HVS keeps usage (35 days), as the Redis streams (ingestion.stream)
+    "retention.ms": str(35 * 86_400_000),
+}
 JMX_RULES = PROJECT_ROOT / "monitoring" / "jmx"
 
 LOG4J2 = """\

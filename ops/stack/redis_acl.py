@@ -8,9 +8,9 @@ not log in gets NOAUTH. The ACL file holds SHA-256 hashes of the passwords, neve
 | user | may |
 | --- | --- |
 | `admin` | everything (the stack's own bootstrap and the tests' fixtures) |
-| `hvs` | read and write the HVS keys (`hvs:*`); consume the CDR and tick streams |
+| `hvs` | read and write the HVS keys (`hvs:*`, RENAME a wrong-type key aside); consume streams |
 | `api` | read the usage hashes (`hvs:u:*`) with HGETALL; nothing else |
-| `cdr_loader` | append (XADD) to the CDR streams |
+| `cdr_loader` | append (XADD, trimmed by time: MINID) to the CDR streams |
 | `tick_sink` | consume the tick stream (it writes its ticks to Postgres, not to Redis) |
 | `sources` | append to the tick stream (the forex generator, dev tooling) |
 | `exporter` | the server's figures for Prometheus (INFO, CONFIG GET, SLOWLOG, ...); no key |
