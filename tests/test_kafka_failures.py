@@ -1,19 +1,25 @@
 """Failures on the real Kafka path (`real_kafka`): the Connect worker SIGKILLed during a burst of
 CRM changes, a record the JDBC sink cannot take, one broker of three killed while events are
-published and the HVS consumes them."""
+published and the HVS consumes them, and rebalances: HVS consumers, then tick-sink processes,
+joining and leaving one group while data flows."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import orjson
 import psycopg
 import pytest
 
-from common.settings import CONTRACTS_DIR
+from common.settings import CONTRACTS_DIR, PROJECT_ROOT
 from ingestion.crm_cdc import CdcSettings, CrmCdc, Metrics
 from ingestion.stream import open_producer
 from ops.stack import wait_until
@@ -294,3 +300,115 @@ def test_hvs_consumers_joining_and_leaving_share_the_work_exactly(
                 worker.join(60)
     assert not any(w.is_alive() for w in workers.values())
     assert stored_usage(redis_client) == want
+
+
+def _landed_by(log_file) -> tuple[int, int]:
+    """(ticks landed, duplicates) that one tick-sink process logged, from its JSON lines."""
+    landed = duplicates = 0
+    for line in log_file.read_text().splitlines():
+        if not line.startswith("{"):
+            continue
+        entry = orjson.loads(line)
+        if entry.get("msg") == "batch landed":
+            landed += entry["landed"]
+            duplicates += entry["duplicates"]
+    return landed, duplicates
+
+
+def test_tick_sink_processes_joining_and_leaving_land_every_tick_once(
+    real_kafka: RealKafka, stack, analytics, tmp_path
+):
+    """Two `python -m ingestion.tick_sink` processes in one group over a 12-partition tick topic
+    (the compose count), ticks published steadily throughout: the second process joins and lands
+    ticks while the first runs, then the first leaves (SIGTERM) and the second takes over.
+    `forex_data.ticks` then holds exactly the published ticks, once each, and the two processes'
+    landed counts add up to them: each tick was inserted by one process only (a redelivery
+    across a rebalance shows as a duplicate, never as a second row)."""
+    from tests.test_tick_sink import expected_rows, landed, make_ticks
+
+    cluster = real_kafka.cluster
+    topic = f"tick-data-r{int(time.time() * 1000)}"
+    cluster.create_topics({topic: (12, 3)})
+    ticks = make_ticks(40_000)  # up to 80 000 messages, far more than the phases need
+    published: list[tuple[bytes, bytes]] = []
+    stop_publishing = threading.Event()
+
+    def publisher() -> None:
+        """50 ticks every 50 ms until told to stop (about 1 000 ticks/s)."""
+        with open_producer(real_kafka.stream_url) as producer:
+            for start in range(0, len(ticks), 50):
+                if stop_publishing.is_set():
+                    return
+                chunk = ticks[start : start + 50]
+                producer.publish_many(topic, [(k, v, None) for k, v in chunk])
+                producer.flush()
+                published.extend(chunk)
+                time.sleep(0.05)
+
+    def count() -> int:
+        (n,) = analytics.execute("select count(*) from forex_data.ticks").fetchone()
+        return n
+
+    def sink(name: str) -> tuple[subprocess.Popen, Path]:
+        log_file = tmp_path / f"tick-sink-{name}.log"
+        env = {
+            **os.environ,
+            "WTC_ANALYTICS_DSN": stack.analytics_dsn,
+            "STREAM_URL": real_kafka.stream_url,
+            "TICK_SINK_TOPIC": topic,
+            "TICK_SINK_GROUP": f"g-{topic}",
+            "TICK_SINK_CONSUMER_NAME": name,
+            "TICK_SINK_BATCH_SIZE": "100",
+            "TICK_SINK_POLL_TIMEOUT": "0.2",
+            "WTC_LOG_FORMAT": "json",
+        }
+        with log_file.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ingestion.tick_sink", "--metrics-port", "0"],
+                env=env,
+                cwd=PROJECT_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return proc, log_file
+
+    def landed_by(name: str) -> int:
+        return _landed_by(procs[name][1])[0]
+
+    procs: dict[str, tuple[subprocess.Popen, Path]] = {}
+    feeding = threading.Thread(target=publisher)
+    try:
+        procs["a"] = sink("a")
+        feeding.start()
+        wait_until(lambda: landed_by("a") > 0, "the first sink to land ticks", 120, 0.2)
+        procs["b"] = sink("b")  # joins: partitions move while ticks flow
+        wait_until(lambda: landed_by("b") > 0, "the second sink to land ticks", 120, 0.2)
+        procs["a"][0].send_signal(signal.SIGTERM)  # leaves: its partitions go to b
+        assert procs["a"][0].wait(60) == 0, procs["a"][1].read_text()[-2000:]
+        after_a = landed_by("b")
+        wait_until(lambda: landed_by("b") > after_a + 500, "the second sink to take over", 120, 0.2)
+        stop_publishing.set()
+        feeding.join(60)
+        assert not feeding.is_alive()
+        assert len(published) < len(ticks), "the publisher ran out of ticks before the end"
+        wait_until(lambda: count() >= len(published), "the last ticks", 120, 0.2)
+    finally:
+        stop_publishing.set()
+        if feeding.is_alive():
+            feeding.join(60)
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    assert procs["b"][0].returncode == 0, procs["b"][1].read_text()[-2000:]
+    assert count() == len(published)
+    assert landed(analytics) == expected_rows(published)
+    (rejected,) = analytics.execute("select count(*) from forex_data.rejected_messages").fetchone()
+    assert rejected == 0
+    by_a, by_b = landed_by("a"), landed_by("b")
+    assert by_a > 0 and by_b > 0
+    assert by_a + by_b == len(published)
