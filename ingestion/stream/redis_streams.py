@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from common.closing import Closing
 from ingestion.stream.base import (
     DEFAULT_CLAIM_IDLE_MS,
     DEFAULT_MAXLEN,
@@ -16,7 +17,6 @@ from ingestion.stream.base import (
     Message,
     Start,
     StreamError,
-    _Closing,
     default_consumer_name,
 )
 
@@ -46,7 +46,7 @@ def _entry_fields(
     return fields
 
 
-class RedisProducer(_Closing):
+class RedisProducer(Closing):
     """XADD with approximate MAXLEN; `publish_many` pipelines batches of entries."""
 
     def __init__(
@@ -136,7 +136,7 @@ def _new_message(
     return m
 
 
-class RedisConsumer(_Closing):
+class RedisConsumer(Closing):
     """XREADGROUP consumer: own pending entries first, idle entries of others claimed, then new."""
 
     def __init__(
