@@ -29,7 +29,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 from api.auth import Authenticator, parse_users
 from api.deps import ApiError, Guard, Store
-from api.routes import router
+from api.routes import add_routes
 from api.settings import ApiSettings
 
 log = logging.getLogger("api")
@@ -146,7 +146,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def invalid(_request: Request, exc: RequestValidationError) -> Response:
         return _json({"detail": validation_detail(exc)}, 400)
 
-    app.include_router(router)
+    add_routes(app.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

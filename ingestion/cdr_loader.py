@@ -29,6 +29,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 from tqdm import tqdm
 
+from common.closing import Closing
 from common.logs import setup_logging
 from common.service import backoff, serve_metrics, stop_on_signals
 from common.settings import ServiceSettings
@@ -144,7 +145,7 @@ class _Resources(threading.local):
     conn: psycopg.Connection | None = None
 
 
-class CdrLoader:
+class CdrLoader(Closing):
     """Polls the SFTP directory and lands, replaces, skips or rejects its files."""
 
     def __init__(
@@ -233,12 +234,6 @@ class CdrLoader:
                 log.debug("closing failed", exc_info=True)
         self._local = _Resources()
         self._drop_stream()
-
-    def __enter__(self) -> CdrLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- one poll ------------------------------------------------------------------------------
 

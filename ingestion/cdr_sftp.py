@@ -15,10 +15,11 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import unquote, urlsplit
 
 import paramiko
+
+from common.closing import Closing
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def skip_reason(name: str, mode: int | None) -> str | None:
     return None
 
 
-class CdrSftp:
+class CdrSftp(Closing):
     """One SFTP session on the CDR directory. Not thread-safe: one per thread."""
 
     def __init__(
@@ -158,14 +159,3 @@ class CdrSftp:
 
     def close(self) -> None:
         self._transport.close()
-
-    def __enter__(self) -> CdrSftp:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -35,6 +35,7 @@ from psycopg import sql
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from common.closing import Closing
 from common.logs import setup_logging
 from common.service import (
     cli_overrides,
@@ -253,7 +254,7 @@ def _row_changes(
     return [_Change(name, "u", lsn, ts_ms, new)]
 
 
-class CrmCdc:
+class CrmCdc(Closing):
     """One CDC reader: a slot, a publication and an origin, landing into the change log."""
 
     def __init__(self, settings: CdcSettings, metrics: Metrics | None = None) -> None:
@@ -291,12 +292,6 @@ class CrmCdc:
         for conn in (self._prod, self._ana):
             if conn is not None and not conn.closed:
                 conn.close()
-
-    def __enter__(self) -> CrmCdc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---------------------------------------------------------------------------- setup
 

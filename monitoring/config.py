@@ -135,13 +135,13 @@ def local_targets(
         "redis": s.redis_exporter_port,
         "receiver": s.receiver_port,
     }
-    jobs = {job: [f"{s.host}:{port}"] for job, port in own.items()}
+    jobs = {job: [s.address(port)] for job, port in own.items()}
     jobs.update({job: [address] for job, address in services.items()})
     jobs.update({job: list(addresses) for job, addresses in (more or {}).items()})
     return Targets(
         jobs=jobs,
-        alertmanager=f"{s.host}:{s.alertmanager_port}",
-        receiver_url=f"http://{s.host}:{s.receiver_port}/alerts",
+        alertmanager=s.address(s.alertmanager_port),
+        receiver_url=s.url(s.receiver_port, "/alerts"),
     )
 
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "api": 19106,  # API_METRICS_PORT
             "drop_probe": s.drop_probe_port,
         }
-        targets = local_targets(s, {job: f"{s.host}:{port}" for job, port in defaults.items()})
+        targets = local_targets(s, {job: s.address(port) for job, port in defaults.items()})
     for path in render(args.out, s, targets).values():
         print(path)
     return 0

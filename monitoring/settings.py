@@ -38,9 +38,25 @@ class MonitoringSettings(BaseSettings):
     group_interval: str = Field(default="5m", pattern=DURATION)
     repeat_interval: str = Field(default="4h", pattern=DURATION)
 
+    def address(self, port: int) -> str:
+        """`host:port` of one of the monitoring services (as Prometheus' targets name them)."""
+        return f"{self.host}:{port}"
+
+    def url(self, port: int, path: str = "") -> str:
+        """`http://host:port/path` of one of the monitoring services."""
+        return f"http://{self.address(port)}{path}"
+
+    @property
+    def prometheus_url(self) -> str:
+        return self.url(self.prometheus_port)
+
+    @property
+    def alertmanager_url(self) -> str:
+        return self.url(self.alertmanager_port)
+
     @property
     def pushgateway(self) -> str:
-        return self.pushgateway_url or f"http://{self.host}:{self.pushgateway_port}"
+        return self.pushgateway_url or self.url(self.pushgateway_port)
 
     # -- alert thresholds and durations (docs/monitoring.md explains each alert) -------------------
     down_for: str = Field(default="2m", pattern=DURATION)

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import anyio
@@ -25,23 +25,12 @@ from api.deps import TIME_PATTERN, ApiError, Guard
 from api.settings import ApiSettings
 from common.settings import PROJECT_ROOT
 from ops.stack import free_port
+from tests.fixtures.polling import wait_for
 
 AUTH = ("wtc", "wtc-dev")
 MSISDN = "0123456789012"
 QUERY = {"msisdn": MSISDN, "start_time": "20240101000000", "end_time": "20240102000000"}
 LIMIT = 5
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, redis.RedisError, OSError):
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -73,7 +62,12 @@ def api_server(stack) -> Iterator[Server]:
     )  # fmt: skip
     server = Server(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}", proc)
     try:
-        wait_for(lambda: httpx.get(f"{server.url}/health").status_code == 200, "the API")
+        wait_for(
+            lambda: httpx.get(f"{server.url}/health").status_code == 200,
+            "the API",
+            20,
+            ignore=(httpx.HTTPError,),
+        )
         yield server
     finally:
         proc.terminate()
@@ -237,7 +231,7 @@ def test_no_5xx_once_redis_answers_again_after_a_restart(stack, api_server, redi
         assert c.get("/data_usage", params=QUERY, auth=AUTH).status_code == 503
     stack.stack.start_redis()
     admin = redis.Redis.from_url(stack.redis_url)
-    wait_for(lambda: bool(admin.ping()), "redis to answer again")
+    wait_for(lambda: admin.ping(), "redis to answer again", 20, ignore=(redis.RedisError,))
     admin.close()
     assert _burst(api_server) == [200] * 24
     with api_server.client() as c:

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -48,23 +48,13 @@ from ingestion.cdr_sftp import READ_REQUEST_SIZE, CdrSftp
 from ingestion.generators.cdr import CdrConfig, cdr_files, upload_cdr_files
 from ingestion.stream import open_consumer
 from ops.stack import free_port
+from tests.fixtures.polling import wait_for
 
 DATA_HEADER = DATA.header.decode()
 VOICE_HEADER = VOICE.header.decode()
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def query(stack, sql: str, *params: object) -> list[tuple]:

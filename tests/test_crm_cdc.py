@@ -23,6 +23,7 @@ from common.service import CRASH_EXIT_CODE
 from ingestion import pgoutput as po
 from ingestion.crm_cdc import CdcSettings, CrmCdc, Metrics, RunStats
 from ops.stack import free_port
+from tests.fixtures.polling import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -488,14 +489,6 @@ def test_follow_metrics_and_sigterm(crm: Crm) -> None:
         stderr=subprocess.PIPE,
     )
 
-    def wait_for(check, what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.1)
-
     def metrics() -> str:
         try:
             return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
@@ -503,7 +496,7 @@ def test_follow_metrics_and_sigterm(crm: Crm) -> None:
             return ""
 
     try:
-        wait_for(lambda: crm.count() == 9, "the snapshot")
+        wait_for(lambda: crm.count() == 9, "the snapshot", process=proc)
         # The server drops the reader's connections: it reconnects and carries on.
         wait_for(
             lambda: (
@@ -514,12 +507,14 @@ def test_follow_metrics_and_sigterm(crm: Crm) -> None:
                 == 2
             ),
             "the reader's connections to terminate",
+            process=proc,
         )
         crm.prod.execute("update crm_system.accounts set email = 'f@x' where account_id = 2")
-        wait_for(lambda: crm.count() == 10, "a change while following")
+        wait_for(lambda: crm.count() == 10, "a change while following", process=proc)
         wait_for(
             lambda: 'wtc_crm_cdc_changes_total{op="u",table="accounts"} 1.0' in metrics(),
             "the metrics",
+            process=proc,
         )
         text = metrics()
         assert "wtc_crm_cdc_lag_bytes " in text and "wtc_crm_cdc_lag_seconds " in text

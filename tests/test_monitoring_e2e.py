@@ -15,9 +15,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -30,21 +29,11 @@ from ingestion.generators.cdr import CdrConfig, cdr_files
 from monitoring.settings import MonitoringSettings
 from ops.stack import free_port
 from ops.stack.monitoring import Monitoring
+from tests.fixtures.polling import wait_for
 
 pytestmark = pytest.mark.skipif(
     Monitoring.missing_packages() != [], reason="`make setup` installs Prometheus and friends"
 )
-
-
-def wait_for(check: Callable[[], object], what: str, timeout: float = 180.0) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def fast_settings(**overrides: object) -> MonitoringSettings:
@@ -171,6 +160,7 @@ def test_a_stalled_loader_fires_the_alert_and_a_restarted_one_resolves_it(
                     "select 1 from cdr_data.files where file_name = %s", (files[0][0],)
                 ).fetchone(),
                 "the first file to land",
+                180,
             )
 
         def scraped(job: str) -> bool:
@@ -180,7 +170,7 @@ def test_a_stalled_loader_fires_the_alert_and_a_restarted_one_resolves_it(
                 for t in targets["data"]["activeTargets"]
             )
 
-        wait_for(lambda: scraped("cdr_loader") and scraped("drop_probe"), "both targets up")
+        wait_for(lambda: scraped("cdr_loader") and scraped("drop_probe"), "both targets up", 180)
         assert received(monitoring, "CdrLoaderStalled", "firing") == []
 
         stop(loader)

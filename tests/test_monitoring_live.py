@@ -31,7 +31,8 @@ from ingestion.generators.cdr import CdrConfig, cdr_files
 from monitoring.config import render_rules
 from ops.stack import free_port
 from ops.stack.monitoring import Monitoring
-from tests.test_monitoring_e2e import fast_settings, stop, wait_for
+from tests.fixtures.polling import wait_for
+from tests.test_monitoring_e2e import fast_settings, stop
 
 pytestmark = pytest.mark.skipif(
     Monitoring.missing_packages() != [], reason="`make setup` installs Prometheus and friends"
@@ -169,7 +170,7 @@ def test_rules_and_dashboards_parse_and_name_only_scraped_metrics(
             cwd=PROJECT_ROOT, env=env, check=True, capture_output=True,
         )  # fmt: skip
         api = f"http://127.0.0.1:{api_port}"
-        wait_for(lambda: _answers(f"{api}/health"), "the usage API")
+        wait_for(lambda: _answers(f"{api}/health"), "the usage API", 180)
         httpx.get(f"{api}/data_usage", timeout=5)  # 401 without a login: a counted request
         # a real dbt build and freshness check, pushed as `make demo` pushes them
         dbt_project.run("build", "--select", "stg_forex__ticks")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from common.settings import PROJECT_ROOT
 from ops.stack import free_port
+from tests.fixtures.polling import wait_for
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
@@ -41,15 +41,12 @@ def api_url(stack, redis_client) -> Iterator[str]:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.05)
+        wait_for(
+            lambda: httpx.get(f"{url}/health").status_code == 200,
+            "the API to start",
+            20,
+            ignore=(httpx.HTTPError,),
+        )
         yield url
     finally:
         proc.terminate()

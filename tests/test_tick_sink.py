@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -27,6 +26,7 @@ from ingestion.tick_sink import (
     parse_tick,
 )
 from ops.stack import free_port
+from tests.fixtures.polling import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -259,14 +259,6 @@ def _env(stack, topic: str, **extra: str) -> dict[str, str]:
         **extra,
     )
     return env
-
-
-def wait_for(check, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_cli_crash_point_then_follow_and_sigterm(stack, analytics) -> None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Literal, Protocol, Self, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
-log = logging.getLogger(__name__)
+from common.closing import Closing
 
 REDIS_KEY_PREFIX = "stream:"
 """Redis Streams key layout: topic `T` lives in the stream key `stream:T`."""
@@ -48,7 +46,7 @@ class Message:
 
 
 @runtime_checkable
-class Producer(Protocol):
+class Producer(Closing, Protocol):
     def publish(
         self,
         topic: str,
@@ -64,60 +62,14 @@ class Producer(Protocol):
         not (a producer may be shared by threads: each one's flush answers for its own)."""
         ...
 
-    def close(self) -> None: ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
 
 @runtime_checkable
-class Consumer(Protocol):
+class Consumer(Closing, Protocol):
     def poll(self, max_messages: int = 1000, timeout: float = 1.0) -> list[Message]: ...
 
     def commit(self, messages: Sequence[Message]) -> None: ...
 
     def lag(self) -> int | None: ...
-
-    def close(self) -> None: ...
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
-class _Closing:
-    """Context-manager support shared by all four classes."""
-
-    def close(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception:
-            log.exception("closing the stream client failed while handling another error")
 
 
 def default_consumer_name() -> str:

@@ -8,12 +8,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
+from common.closing import Closing
 from ingestion.stream.base import (
     Item,
     Message,
     Start,
     StreamError,
-    _Closing,
     default_consumer_name,
 )
 
@@ -65,7 +65,7 @@ def _kafka_error_cb(err: Any) -> None:
     log.warning("kafka client error: %s", err)
 
 
-class KafkaProducer(_Closing):
+class KafkaProducer(Closing):
     """Idempotent (acks=all), keyed producer; Java-compatible murmur2 partitioning of keys."""
 
     def __init__(self, url: str, *, config: Mapping[str, Any] | None = None) -> None:
@@ -160,7 +160,7 @@ class KafkaProducer(_Closing):
         self.flush()
 
 
-class KafkaConsumer(_Closing):
+class KafkaConsumer(Closing):
     """Subscribed group consumer; manual, synchronous commits of offset+1 per partition."""
 
     def __init__(

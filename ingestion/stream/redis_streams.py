@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from common.closing import Closing
 from ingestion.stream.base import (
     DEFAULT_CLAIM_IDLE_MS,
     DEFAULT_GONE_AFTER_MS,
@@ -17,7 +18,6 @@ from ingestion.stream.base import (
     Message,
     Start,
     StreamError,
-    _Closing,
     default_consumer_name,
 )
 
@@ -59,7 +59,7 @@ def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-class RedisProducer(_Closing):
+class RedisProducer(Closing):
     """XADD with retention by time (`MINID ~`), never below what a group has not acknowledged;
     `publish_many` pipelines batches of entries."""
 
@@ -261,7 +261,7 @@ return gone
 """
 
 
-class RedisConsumer(_Closing):
+class RedisConsumer(Closing):
     """XREADGROUP consumer: own pending entries first, idle entries of others claimed, then new."""
 
     def __init__(

@@ -100,11 +100,11 @@ class Monitoring:
 
     @property
     def prometheus_url(self) -> str:
-        return f"http://{self.s.host}:{self.s.prometheus_port}"
+        return self.s.prometheus_url
 
     @property
     def alertmanager_url(self) -> str:
-        return f"http://{self.s.host}:{self.s.alertmanager_port}"
+        return self.s.alertmanager_url
 
     def targets(self) -> Targets:
         services, kafka_jobs = self._services, self._kafka_jobs
