@@ -52,7 +52,8 @@ def kafka_metric_names() -> set[str]:
     return {n for n in names if n.startswith("kafka_")}
 
 
-def jdbc_sink(name: str, topic: str, jdbc_url: str, user: str) -> ConnectorRequest:
+def jdbc_sink(name: str, topic: str, jdbc_url: str) -> ConnectorRequest:
+    """A JDBC sink logged in as the sinks' role, with the password the worker is given."""
     return ConnectorRequest(
         name,
         {
@@ -61,8 +62,8 @@ def jdbc_sink(name: str, topic: str, jdbc_url: str, user: str) -> ConnectorReque
             "tasks.max": "1",
             "topics": topic,
             "connection.url": jdbc_url,
-            "connection.username": user,
-            "connection.password": "${env:WTC_PG_PASSWORD}",
+            "connection.username": "wtc_sink",
+            "connection.password": "${env:WTC_PG_SINK_PASSWORD}",
             "table.name.format": f"public.{name.replace('-', '_')}",
             "schema.evolution": "none",
             "errors.tolerance": "none",
@@ -112,8 +113,8 @@ def test_prometheus_scrapes_the_agents_and_a_failed_task_fires_its_alert(
     good, bad = f"mon-good-{tag}", f"mon-bad-{tag}"
     nowhere = f"jdbc:postgresql://127.0.0.1:{free_port()}/wtc_analytics"  # nothing listens
     requests = [
-        jdbc_sink(good, topic, variables["ANALYTICS_JDBC_URL"], variables["ANALYTICS_DB_USER"]),
-        jdbc_sink(bad, topic, nowhere, variables["ANALYTICS_DB_USER"]),
+        jdbc_sink(good, topic, variables["ANALYTICS_JDBC_URL"]),
+        jdbc_sink(bad, topic, nowhere),
     ]
     try:
         for req in requests:  # PUT alone: `register` stops at a FAILED task, this test wants one
