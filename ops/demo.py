@@ -2,7 +2,8 @@
 
 Steps, each a project command run as its own process:
 
-1. start Postgres, Redis and the SFTP server (`ops.stack`), bootstrap the databases;
+1. start Postgres, Redis and the SFTP server (`ops.stack`), bootstrap the databases; with
+   `--stream kafka`, fetch the pinned Kafka and Connect jars once (Maven) and start them;
 2. generate the three sources: CDR files into the SFTP directory, CRM transactions in
    `wtc_prod` (after the change capture has taken its snapshot), forex ticks on the
    `tick-data` stream;
@@ -33,7 +34,7 @@ from common.logs import setup_logging
 from common.settings import CDR_DROP, PROJECT_ROOT, StackSettings
 from ops.dbt import DBT_BIN, DBT_DIR, connection_env
 from ops.progress import landing_display
-from ops.stack import Stack, StackError, port_open, wait_until
+from ops.stack import Stack, StackError, jvm, port_open, wait_until
 from ops.stack.kafka import KafkaStack
 
 log = logging.getLogger("ops.demo")
@@ -439,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack.start()
         if kafka is not None:
+            jvm.fetch(kafka.cache)  # once: the pinned jars, as `make setup` fetches them
             kafka.start()
             if stack.s.monitoring:
                 stack.monitoring.scrape_kafka(kafka)
