@@ -257,7 +257,9 @@ def test_the_compose_acl_file_is_the_local_stacks_from_one_definition(compose_mo
     }
     assert out.read_text() == acl_file(passwords)
     assert out.stat().st_mode & 0o777 == 0o600
-    on = {line.split()[1] for line in out.read_text().splitlines() if line.split()[2] == "on"}
+    lines = [line.split() for line in out.read_text().splitlines()]
+    assert lines[0][:4] == ["user", "default", "on", "resetpass"]  # with no password: no login
+    on = {words[1] for words in lines[1:] if words[2] == "on"}
     assert on == {"hvs", "api", "exporter"}  # the compose stack's users; the stream ones off
     for secret in passwords.values():
         assert secret not in out.read_text()

@@ -181,3 +181,24 @@ def test_the_users_file_names_the_keys_the_code_uses() -> None:
     assert keys("tick_sink") == keys("sources") == {stream_key("tick-data")}
     assert keys("exporter") == set()
     assert RULES["admin"] == "~* &* +@all"
+
+
+def test_what_scripts_wrote_survives_a_restart_and_nobody_logs_in_as_default(
+    stack, redis_client
+) -> None:
+    """Redis replays its append-only file as `default` and re-checks that user's rights at each
+    replayed EXEC: a `default` user that is off dropped every multi-write script's effects."""
+    hvs = client(stack, "hvs")
+    keys = [usage_key("27830000001", "20240101"), usage_key("27830000002", "20240101")]
+    hvs.delete(*keys)
+    two_writes = "redis.call('HINCRBY', KEYS[1], 'ev', 3); redis.call('HINCRBY', KEYS[2], 'ev', 4)"
+    hvs.eval(two_writes, 2, *keys)  # replicated to the AOF as MULTI ... EXEC
+    stack.stack.stop_redis()
+    stack.stack.start_redis()
+    after = client(stack, "admin")
+    assert [after.hget(k, "ev") for k in keys] == [b"3", b"4"]
+    for password in ("", "x", stack.settings.redis_password("admin")):
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(
+                f"redis://default:{password}@{stack.settings.host}:{stack.settings.redis_port}/0"
+            ).ping()

@@ -5,7 +5,9 @@
 #
 #   users-acl.sh USERS_FILE OUT
 #
-# `default` is off; a user whose password is unset is off (nobody logs in as it); a user with a
+# Nobody logs in as `default`: no password and no nopass (it keeps its rights because Redis
+# replays the AOF as `default` and re-checks them at each EXEC: ops/stack/redis_acl.py,
+# DEFAULT_USER); a user whose password is unset is off (nobody logs in as it); a user with a
 # password is on with the password's SHA-256, never the password. OUT is written 0600. With
 # WTC_ENV=production a development default password (dev-*) is refused, naming the variable.
 set -euo pipefail
@@ -14,7 +16,7 @@ users_file=$1
 out=$2
 umask 077
 tmp="$out.tmp"
-printf 'user default off resetkeys resetchannels -@all\n' > "$tmp"
+printf 'user default on resetpass ~* &* +@all\n' > "$tmp"
 while read -r word name rules; do
     [[ -z "$word" || "$word" == \#* ]] && continue
     if [[ "$word" != user || -z "$name" || "$name" == default ]]; then

@@ -1,9 +1,10 @@
 """The local Redis's users: one per process, each allowed only the keys and commands its job needs.
 
 The users and their rules are written once, in `contracts/redis_users.acl`, which the compose
-Redis reads too (`docker/redis/users-acl.sh`). The `default` user is off, so a client that does
-not log in gets NOAUTH. The ACL file holds SHA-256 hashes of the passwords, never the passwords
-(they come from `WTC_REDIS_*_PASSWORD`).
+Redis reads too (`docker/redis/users-acl.sh`). Nobody can log in as the `default` user, so a
+client that does not log in gets NOAUTH (`DEFAULT_USER` says why it is not simply `off`). The
+ACL file holds SHA-256 hashes of the passwords, never the passwords (they come from
+`WTC_REDIS_*_PASSWORD`).
 
 | user | may |
 | --- | --- |
@@ -42,10 +43,19 @@ RULES: dict[str, str] = read_rules(USERS_FILE.read_text())
 ROLES = tuple(RULES)
 
 
+DEFAULT_USER = "user default on resetpass ~* &* +@all"
+"""No password and no `nopass`: nobody can log in as `default`, and a client that has not logged
+in gets NOAUTH. It is not `off`, and keeps every right, because Redis replays its append-only
+file as `default` and re-checks that user's rights at each EXEC it replays (redis/redis#14541,
+fixed upstream by #14545, after the Redis 7.0 the stack runs): with `default off`, every
+transaction in the AOF, and so the effects of every script with more than one write (the HVS
+apply script's), was dropped in silence at a restart."""
+
+
 def acl_file(passwords: dict[str, str | None]) -> str:
-    """The ACL file for `passwords` ({user: password}); `default` is off, and so is a user
-    whose password is missing or empty (nobody can log in as it)."""
-    lines = ["user default off resetkeys resetchannels -@all"]
+    """The ACL file for `passwords` ({user: password}); nobody can log in as `default`
+    (`DEFAULT_USER`), nor as a user whose password is missing or empty (it is off)."""
+    lines = [DEFAULT_USER]
     for role in ROLES:
         secret = passwords.get(role)
         login = f"on #{hashlib.sha256(secret.encode()).hexdigest()}" if secret else "off"
