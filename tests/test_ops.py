@@ -155,6 +155,12 @@ def test_the_kafka_paths_jmx_agents_are_scrape_jobs_and_port_0_leaves_them_out(t
     monitoring.scrape_kafka(kafka)  # nothing runs: renders, reloads nobody
     rendered = (monitoring.config_dir / "prometheus.yml").read_text()
     assert "job_name: kafka_connect" in rendered and "127.0.0.1:19114" in rendered
+    # the demo's own processes: on the Kafka path Debezium captures the CRM, no crm_cdc to scrape
+    demo = Monitoring(s, m)
+    assert "crm_cdc" in demo.targets().jobs
+    demo.scrape_kafka(kafka)
+    assert "crm_cdc" not in demo.targets().jobs and "hvs" in demo.targets().jobs
+    assert "job_name: crm_cdc" not in (demo.config_dir / "prometheus.yml").read_text()
 
 
 def test_the_default_ports_of_every_part_are_distinct():

@@ -113,6 +113,8 @@ class Monitoring:
             if not kafka_jobs:  # a re-render while the Kafka path runs (`make start` after it)
                 kafka = KafkaStack(self.stack)
                 kafka_jobs = kafka.scrape_jobs() if kafka.any_running() else {}
+            if kafka_jobs:  # Debezium captures the CRM there: the embedded reader does not run
+                services = {job: t for job, t in services.items() if job != "crm_cdc"}
         return local_targets(self.s, services, kafka_jobs)
 
     def scrape_kafka(self, kafka: KafkaStack) -> None:
