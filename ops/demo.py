@@ -438,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     kafka = KafkaStack(stack.s) if args.stream == "kafka" else None
     env = demo_env(stack.s, kafka)
     try:
+        if kafka is not None:
+            stack.monitoring.expect_kafka_path()
         stack.start()
         if kafka is not None:
             jvm.fetch(kafka.cache)  # once: the pinned jars, as `make setup` fetches them

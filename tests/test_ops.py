@@ -161,6 +161,9 @@ def test_the_kafka_paths_jmx_agents_are_scrape_jobs_and_port_0_leaves_them_out(t
     demo.scrape_kafka(kafka)
     assert "crm_cdc" not in demo.targets().jobs and "hvs" in demo.targets().jobs
     assert "job_name: crm_cdc" not in (demo.config_dir / "prometheus.yml").read_text()
+    before_start = Monitoring(s, m)  # told before Prometheus starts: never scraped at all
+    before_start.expect_kafka_path()
+    assert "crm_cdc" not in before_start.targets().jobs
 
 
 def test_the_default_ports_of_every_part_are_distinct():

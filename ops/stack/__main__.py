@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             case "jvm":
                 jvm.fetch()
             case "start":
+                if args.stream == "kafka":
+                    stack.monitoring.expect_kafka_path()
                 stack.start()
                 if args.stream == "kafka":
                     kafka.start()

@@ -93,6 +93,7 @@ class Monitoring:
         self.s = settings or MonitoringSettings()
         self._services = services
         self._kafka_jobs: dict[str, list[str]] = {}
+        self._kafka_path = False
         self.dir = stack.state_dir.resolve() / "monitoring"
         self.config_dir = self.dir / "config"
         self.run_dir = self.dir / "run"
@@ -113,9 +114,14 @@ class Monitoring:
             if not kafka_jobs:  # a re-render while the Kafka path runs (`make start` after it)
                 kafka = KafkaStack(self.stack)
                 kafka_jobs = kafka.scrape_jobs() if kafka.any_running() else {}
-            if kafka_jobs:  # Debezium captures the CRM there: the embedded reader does not run
+            if kafka_jobs or self._kafka_path:  # Debezium captures the CRM: no embedded reader
                 services = {job: t for job, t in services.items() if job != "crm_cdc"}
         return local_targets(self.s, services, kafka_jobs)
+
+    def expect_kafka_path(self) -> None:
+        """Before the start: the stack runs the Kafka path, so Prometheus never waits for the
+        embedded change capture (a job removed by a reload keeps its last `up` for minutes)."""
+        self._kafka_path = True
 
     def scrape_kafka(self, kafka: KafkaStack) -> None:
         """Scrape the Kafka path's JMX exporter agents too (jobs `kafka`, `kafka_connect`): the
