@@ -359,13 +359,21 @@ def test_sftp_connection_dropped_in_the_middle_of_a_file(stack, cdr_dir, rng) ->
                 total += int(io.split("rchar: ", 1)[1].split()[0]) - n
             return total
 
+        def signal_sessions(sig: int) -> None:
+            for pid in list(watched):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
         (path / name).write_bytes(big)
         end = time.monotonic() + DEADLINE_S
+        # the sessions run in slices of 2 ms: on a quiet machine a free-running session reads the
+        # whole file between two looks at its counters
         while (cut_at := read_since()) < share * len(big):
             assert time.monotonic() < end, "the loader never read the file"
-        for pid in watched:  # freeze the sessions where they are, then cut the connections
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
+            signal_sessions(signal.SIGCONT)
+            time.sleep(0.002)
+            signal_sessions(signal.SIGSTOP)
+        signal_sessions(signal.SIGSTOP)  # freeze the sessions where they are, then cut them
         next_look = float("inf")
         cut_at = read_since()
         for pid in watched:

@@ -387,7 +387,22 @@ class Stack:
             ),
             check=True,
         )
-        wait_until(lambda: port_open(self.s.host, self.s.redis_port), "redis to accept connections")
+        wait_until(self._redis_ready, "redis to accept connections and load its data")
+
+    def _redis_ready(self) -> bool:
+        """Redis answers PING as the admin user: the port is open and the append-only file is
+        loaded (until then every command gets LOADING)."""
+        import redis
+
+        if not port_open(self.s.host, self.s.redis_port):
+            return False
+        client = redis.Redis.from_url(self.s.redis_url_for("admin"), socket_timeout=5)
+        try:
+            return bool(client.ping())
+        except redis.BusyLoadingError:
+            return False
+        finally:
+            client.close()
 
     def stop_redis(self) -> None:
         terminate({self.redis_pidfile: "redis"})
