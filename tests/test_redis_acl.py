@@ -1,5 +1,5 @@
-"""Redis through the real server: the default user is off, each process's user may do its job
-and nothing more, and Redis' files are its service user's alone."""
+"""Redis through the real server: nobody logs in as the default user, each process's user may do
+its job and nothing more, and Redis' files are its service user's alone."""
 
 from __future__ import annotations
 
