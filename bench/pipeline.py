@@ -76,6 +76,9 @@ class Scale:
     profile: str = "starter"
     rows_per_file: int = 1000
     window_seconds: int = 200
+    # Redis holds every CDR event and tick of the run on its streams (35 days' retention):
+    # about 870 MB at the starter's two days
+    redis_maxmemory_mb: int = 2048
 
     @property
     def windows(self) -> int:
@@ -94,7 +97,9 @@ SCALES = {
     # the starter's two days: 864 file pairs, 1.728 M CDR rows, 691 200 ticks
     "starter": Scale("starter", subscribers=50_000, hours=48, crm_transactions=50_000),
     # ten times the days (see the module's docstring)
-    "10x": Scale("10x", subscribers=50_000, hours=480, crm_transactions=500_000),
+    "10x": Scale(
+        "10x", subscribers=50_000, hours=480, crm_transactions=500_000, redis_maxmemory_mb=12288
+    ),
 }
 
 
@@ -529,7 +534,7 @@ def run_scale(
     profile: bool = False,
 ) -> dict:
     load_before = os.getloadavg()
-    with throwaway("wtc-bench-") as stack:
+    with throwaway("wtc-bench-", redis_maxmemory_mb=scale.redis_maxmemory_mb) as stack:
         if profile:
             _profile.enable_pg_stat_statements(stack)
         r = Run(stack, scale, out, display, profile)

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -572,9 +573,10 @@ def running(settings: StackSettings) -> Iterator[Stack]:
         stack.stop()
 
 
-def scratch_settings(state_dir: Path) -> StackSettings:
+def scratch_settings(state_dir: Path, **overrides: Any) -> StackSettings:
     """Settings for a stack of its own in `state_dir`, every port a free one."""
     return StackSettings(
+        **overrides,
         state_dir=state_dir,
         pg_port=free_port(),
         redis_port=free_port(),
@@ -586,12 +588,12 @@ def scratch_settings(state_dir: Path) -> StackSettings:
 
 
 @contextlib.contextmanager
-def throwaway(prefix: str = "wtc-") -> Iterator[Stack]:
+def throwaway(prefix: str = "wtc-", **overrides: Any) -> Iterator[Stack]:
     """A started stack on free ports in a new temporary folder, stopped and removed on exit
-    (the tests' and the benchmarks' servers)."""
+    (the tests' and the benchmarks' servers); `overrides` are settings of it (not its ports)."""
     state_dir = Path(tempfile.mkdtemp(prefix=prefix))
     state_dir.chmod(0o755)  # mkdtemp's folders are private; the service users must traverse it
-    settings = scratch_settings(state_dir)
+    settings = scratch_settings(state_dir, **overrides)
     try:
         with running(settings) as stack:
             yield stack
