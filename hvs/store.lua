@@ -13,8 +13,12 @@
 -- While the pause key exists (a rebuild from the raw tables is writing, hvs/rebuild.py), nothing
 -- is changed and the status PAUSED is returned: the consumer waits and applies the batch after.
 -- A key of another type than the script writes (written there by hand) would stop the script
--- half-way: every key is checked first, and if any is of the wrong type nothing is changed and
--- {'WRONGTYPE', key, found, wanted, ...} is returned (the caller moves those keys aside).
+-- half-way. The few bitmaps and sets are checked with TYPE first; a usage hash (one per
+-- subscriber-day, so about one per event) is checked by its first write: the first HINCRBY of
+-- every hash runs under pcall before anything else is written, and if any fails, those that
+-- succeeded are undone (a field they created is deleted, else decremented) and nothing is
+-- changed. {'WRONGTYPE', key, found, wanted, ...} is then returned (the caller moves those keys
+-- aside). A TYPE per hash cost a tenth of the whole script.
 local wrong = {}
 local function want(key, wanted)
   local found = redis.call('TYPE', key)['ok']
@@ -28,19 +32,20 @@ local ttl = ARGV[2]
 local nfiles = tonumber(ARGV[3])
 local dups, files = {}, {}
 local i = 4
-do  -- the type check: walks ARGV as the script does below, changes nothing
+local hashes_at  -- where the hashes start in ARGV
+do  -- the bitmaps' and sets' types: walks ARGV as the script does below, changes nothing
   local j = 4
   for _ = 1, nfiles do
     want(ARGV[j], 'string')
     j = j + 2 + 2 * tonumber(ARGV[j + 1])
   end
-  local checked = {}
+  hashes_at = j
   local n = tonumber(ARGV[j])
   j = j + 1
   for _ = 1, n do
-    if not checked[ARGV[j]] then checked[ARGV[j]] = true; want(ARGV[j], 'hash') end
     j = j + 3 + 2 * (tonumber(ARGV[j + 1]) + tonumber(ARGV[j + 2]))
   end
+  local checked = {}
   n = tonumber(ARGV[j])
   j = j + 1
   for _ = 1, n do
@@ -84,6 +89,47 @@ for f = 1, nfiles do
   files[f] = {key, singles, runs}
 end
 if #dups > 0 then return dups end
+-- the first HINCRBY of every hash, under pcall; `firsts[h]` is its reply
+local firsts = {}
+do
+  local j = hashes_at + 1
+  local failed = false
+  for h = 1, tonumber(ARGV[hashes_at]) do
+    local key, nnew, nincr = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+    if nnew + nincr > 0 then
+      local got = redis.pcall('HINCRBY', key, ARGV[j + 3], ARGV[j + 4])
+      if type(got) == 'table' then  -- an error reply: nothing was written
+        failed, got = true, false
+        local found, wanted = redis.call('TYPE', key)['ok'], 'hash'
+        if found == 'hash' then  -- the field holds something else than an integer
+          found, wanted = 'hash with a field that is not an integer', 'hash of integers'
+        end
+        wrong[#wrong + 1] = key; wrong[#wrong + 1] = found; wrong[#wrong + 1] = wanted
+      end
+      firsts[h] = got
+    end
+    j = j + 3 + 2 * (nnew + nincr)
+  end
+  if failed then
+    j = hashes_at + 1
+    local undo = {}
+    for h = 1, tonumber(ARGV[hashes_at]) do
+      if firsts[h] then undo[#undo + 1] = j end
+      j = j + 3 + 2 * (tonumber(ARGV[j + 1]) + tonumber(ARGV[j + 2]))
+    end
+    for u = #undo, 1, -1 do  -- newest first: a field written twice is decremented, then deleted
+      local k = undo[u]
+      local key, field, n = ARGV[k], ARGV[k + 3], ARGV[k + 4]
+      if tonumber(redis.call('HGET', key, field)) == tonumber(n) then
+        redis.call('HDEL', key, field)
+      else
+        redis.call('HINCRBY', key, field, -tonumber(n))
+      end
+    end
+    table.insert(wrong, 1, 'WRONGTYPE')
+    return wrong
+  end
+end
 for _, file in ipairs(files) do
   local key, singles, runs = file[1], file[2], file[3]
   local n = #singles
@@ -110,12 +156,11 @@ for _, file in ipairs(files) do
 end
 local nhashes = tonumber(ARGV[i])
 i = i + 1
-for _ = 1, nhashes do
+for h = 1, nhashes do
   local key, nnew, nincr = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   i = i + 3
-  if nnew > 0 then
-    local n = ARGV[i + 1]
-    if redis.call('HINCRBY', key, ARGV[i], n) == tonumber(n) and nnew > 1 then
+  if nnew > 0 then  -- the first field was written above
+    if firsts[h] == tonumber(ARGV[i + 1]) and nnew > 1 then
       redis.call('HSET', key, unpack(ARGV, i + 2, i + 2 * nnew - 1))
     else
       for j = i + 2, i + 2 * nnew - 1, 2 do
@@ -123,12 +168,15 @@ for _ = 1, nhashes do
       end
     end
     i = i + 2 * nnew
+  elseif nincr > 0 then
+    i = i + 2
+    nincr = nincr - 1
   end
   for _ = 1, nincr do
     redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
     i = i + 2
   end
-  redis.call('EXPIRE', key, ttl)
+  if firsts[h] then redis.call('EXPIRE', key, ttl) end
 end
 local nsets = tonumber(ARGV[i])
 i = i + 1

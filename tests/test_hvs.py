@@ -423,6 +423,70 @@ def test_a_new_group_beside_fields_written_by_pricing_still_adds(stack, hvs_env,
     }
 
 
+def test_a_key_of_the_wrong_type_late_in_a_batch_changes_nothing(stack, hvs_env, redis_client):
+    """The apply script checks a usage hash by its first write (under pcall), not by a TYPE per
+    hash: when a later hash of the batch is of the wrong type, or holds a count that is not an
+    integer, the first writes already made are undone (a field they created is deleted, one
+    written twice is taken back twice) and nothing is changed: no half-applied batch."""
+    hvs = Hvs(hvs_env)
+    bits, kept, new, string, garbled = (
+        K.seen_key("w.csv"),
+        K.usage_key("2700000000001", "20240101"),
+        K.usage_key("2700000000002", "20240101"),
+        K.usage_key("2700000000003", "20240101"),
+        K.usage_key("2700000000004", "20240101"),
+    )
+    redis_client.hset(kept, mapping={"a": 10, "b": 1})
+    redis_client.expire(kept, 1000)
+    redis_client.set(string, "garbage")
+    redis_client.hset(garbled, "a", "not a number")
+    before = {key: redis_client.dump(key) for key in (kept, string, garbled)}
+
+    def script(*hashes: list) -> list:
+        args: list = [K.PAUSE_KEY, 86400, 1, bits, 1, 2, 4, len(hashes)]
+        for h in hashes:
+            args += h
+        args.append(0)
+        return hvs._call_script(args)
+
+    got = script(
+        [kept, 1, 1, "a", 5, "b", 2],  # an existing field, then one more
+        [new, 2, 0, "a", 3, "b", 4],  # a new group (one HSET after its count)
+        [kept, 0, 1, "a", 7],  # the same field again
+        [string, 1, 0, "a", 1],
+        [new, 0, 1, "c", 1],
+        [garbled, 1, 0, "a", 1],
+    )
+    assert [x.decode() for x in got] == [
+        "WRONGTYPE",
+        string,
+        "string",
+        "hash",
+        garbled,
+        "hash with a field that is not an integer",
+        "hash of integers",
+    ]
+    assert {key: redis_client.dump(key) for key in (kept, string, garbled)} == before
+    assert redis_client.ttl(kept) > 900
+    assert not redis_client.exists(new) and not redis_client.exists(bits)
+    # without the wrong keys the same batch applies whole
+    redis_client.delete(string, garbled)
+    assert (
+        script([kept, 1, 1, "a", 5, "b", 2], [new, 2, 0, "a", 3, "b", 4], [kept, 0, 1, "a", 7])
+        == []
+    )
+    assert redis_client.hgetall(kept) == {b"a": b"22", b"b": b"3"}
+    assert redis_client.hgetall(new) == {b"a": b"3", b"b": b"4"}
+    assert redis_client.ttl(new) > 0 and [redis_client.getbit(bits, n) for n in range(6)] == [
+        0,
+        0,
+        1,
+        1,
+        1,
+        0,
+    ]
+
+
 def test_a_batch_with_thousands_of_fields_in_one_hash_applies_whole(stack, hvs_env, redis_client):
     """One batch's WAK-pending ZAR of 6000 usage groups in one hour goes to one hash: its 6000
     fields are added in chunks (Lua's unpack takes a few thousand values), every event counted."""
