@@ -297,25 +297,40 @@ def _plots(out: Path, results: dict) -> dict[str, str]:
 # -- the Markdown ----------------------------------------------------------------------------------
 
 
-def _machine() -> str:
+def git_commit() -> str:
+    """The checkout's commit (short hash), "?" outside a git checkout."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=PROJECT_ROOT,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            or "?"
+        )
     except OSError:
-        commit = "?"
+        return "?"
+
+
+def _machine(results: dict) -> str:
+    """The machine, and the commit the run was taken on (saved with it; a run saved before
+    that was recorded reads the checkout's)."""
+    commits = sorted({r.get("commit") or git_commit() for r in results.values()}) or [git_commit()]
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"{platform.system()} {platform.release()}, {os.cpu_count()} cores, {mem:.0f} GiB,"
-        f" Python {platform.python_version()}; commit {commit}"
+        f" Python {platform.python_version()}; commit {', '.join(commits)}"
     )
 
 
 def markdown(results: dict, images: dict[str, str], image_dir: str) -> str:
-    md = ["# Benchmarks: the whole pipeline at 1x and 10x", "", f"Machine: {_machine()}.", ""]
+    md = [
+        "# Benchmarks: the whole pipeline at 1x and 10x",
+        "",
+        f"Machine: {_machine(results)}.",
+        "",
+    ]
     for scale, result in results.items():
         src = result.get("sources", {})
         md.append(

@@ -48,6 +48,7 @@ import redis
 
 from bench import _baselines, _profile
 from bench._procs import Clock, Command, MemorySampler, Stage, log_path, run, start
+from bench._report import git_commit
 from common.settings import PROJECT_ROOT
 from ingestion.generators.cdr import STARTER_CDR_START
 from ingestion.generators.common import STARTER_START
@@ -162,7 +163,11 @@ class Run:
         self.display = display
         self.clock = Clock()
         self.stages: list[Stage] = []
-        self.figures: dict = {"scale": asdict(scale), "profile": {"sql": {}, "python": {}}}
+        self.figures: dict = {
+            "scale": asdict(scale),
+            "commit": git_commit(),
+            "profile": {"sql": {}, "python": {}},
+        }
         self.metrics_port = free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("WTC_", "DBT_"))},
