@@ -20,6 +20,7 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -64,14 +65,18 @@ CONTENTS = {
 }
 
 
+def tick_rows(config: ForexConfig) -> Iterator[tuple]:
+    """The generator's ticks as forex_data.ticks rows (source `bench`), in its order."""
+    for _key, value in tick_messages(config):
+        t = json.loads(value, parse_float=Decimal)
+        yield (t["pair_name"], t["timestamp"], t["bid_price"], t["ask_price"], t["spread"], "bench")
+
+
 def land_ticks(dsn: str, hours: float, split: datetime) -> tuple[list[tuple], int]:
     """COPY the ticks before `split` into forex_data.ticks; return the rest and the count landed."""
     before, later = [], []
-    config = ForexConfig(seed=0, start=START, duration=timedelta(hours=hours))
-    for _key, value in tick_messages(config):
-        t = json.loads(value, parse_float=Decimal)
-        row = (t["pair_name"], t["timestamp"], t["bid_price"], t["ask_price"], t["spread"], "bench")
-        (before if datetime.fromisoformat(t["timestamp"]) < split else later).append(row)
+    for row in tick_rows(ForexConfig(seed=0, start=START, duration=timedelta(hours=hours))):
+        (before if datetime.fromisoformat(row[1]) < split else later).append(row)
     copy_ticks(dsn, before)
     return later, len(before)
 

@@ -28,16 +28,16 @@ import subprocess
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 
 import psycopg
 
+from bench.dbt_forex_crm import copy_ticks, tick_rows
 from common.logs import setup_logging
 from common.settings import CONTRACTS_DIR
 from ingestion.cdr_landing import land_file, prepare_session
 from ingestion.generators.cdr import CdrConfig, cdr_files
-from ingestion.generators.forex import ForexConfig, tick_messages
+from ingestion.generators.forex import ForexConfig
 from ops.dbt import DBT_BIN, DBT_DIR, dbt_env
 from ops.stack import throwaway
 
@@ -78,22 +78,8 @@ def land_cdr(dsn: str, files: list[tuple[str, bytes]]) -> int:
 
 
 def land_ticks(dsn: str, start: datetime, end: datetime) -> int:
-    config = ForexConfig(seed=0, start=start, duration=end - start)
-    rows = []
-    for _key, value in tick_messages(config):
-        t = json.loads(value, parse_float=Decimal)
-        rows.append(
-            (t["pair_name"], t["timestamp"], t["bid_price"], t["ask_price"], t["spread"], "bench")
-        )
-    with (
-        psycopg.connect(dsn) as conn,
-        conn.cursor().copy(
-            "copy forex_data.ticks (pair_name, tick_ts, bid_price, ask_price, spread, source) "
-            "from stdin"
-        ) as copy,
-    ):
-        for row in rows:
-            copy.write_row(row)
+    rows = list(tick_rows(ForexConfig(seed=0, start=start, duration=end - start)))
+    copy_ticks(dsn, rows)
     return len(rows)
 
 

@@ -30,8 +30,7 @@ from pathlib import Path
 import orjson
 import redis
 
-from bench.hvs_api import PrivateRedis
-from common.settings import PROJECT_ROOT
+from bench._ab import add_checkout_arguments, alternate, checkouts, pair_ratios, throwaway_redis
 
 
 def fill_stream(stream_url: str, hours: int, rows_per_file: int = 250) -> dict:
@@ -155,16 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hours", type=int, default=24, help="of the starter's two days")
     parser.add_argument("--rows-per-file", type=int, default=250, help="the starter: 1000")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--vs", type=Path, help="another checkout of the project (B)")
-    parser.add_argument(
-        "--this", type=Path, default=Path(PROJECT_ROOT), help="the checkout measured as A"
-    )
+    add_checkout_arguments(parser, "the checkout measured as A")
     args = parser.parse_args(argv)
-    trees = {"A (this)": args.this.resolve()}
-    if args.vs:
-        trees["B (vs)"] = args.vs.resolve()
-    private = PrivateRedis()
-    try:
+    with throwaway_redis() as private:
         stream_url, hvs_url = private.url(1), private.url(0)
         filled = fill_stream(stream_url, args.hours, args.rows_per_file)
         print(
@@ -173,20 +165,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.rows_per_file} rows per file)",
             flush=True,
         )
-        runs: dict[str, list[dict]] = {name: [] for name in trees}
-        for i in range(args.rounds):
-            for name, tree in trees.items():
-                res = run_once(tree, stream_url, hvs_url, f"bench-{i}-{len(runs[name])}-{name[0]}")
-                runs[name].append(res)
-                print(
-                    f"round {i + 1} {name}: {res['events']:,} events in {res['seconds']:.2f} s = "
-                    f"{res['events_per_s']:,.0f} events/s (CPU s: consumer "
-                    f"{res['consumer_cpu_s']:.2f}, Redis {res['redis_cpu_s']:.2f}; Redis us per "
-                    f"event by command {res['redis_us_per_event']}); "
-                    f"{res['hash_bytes']:.0f} B per usage "
-                    f"hash, {res['all_bytes_per_subscriber_day']:.0f} B per subscriber-day",
-                    flush=True,
-                )
+
+        def one_round(i: int, name: str, tree: Path) -> dict:
+            res = run_once(tree, stream_url, hvs_url, f"bench-{i}-{name[0]}")
+            print(
+                f"round {i + 1} {name}: {res['events']:,} events in {res['seconds']:.2f} s = "
+                f"{res['events_per_s']:,.0f} events/s (CPU s: consumer "
+                f"{res['consumer_cpu_s']:.2f}, Redis {res['redis_cpu_s']:.2f}; Redis us per "
+                f"event by command {res['redis_us_per_event']}); "
+                f"{res['hash_bytes']:.0f} B per usage "
+                f"hash, {res['all_bytes_per_subscriber_day']:.0f} B per subscriber-day",
+                flush=True,
+            )
+            return res
+
+        runs = alternate(checkouts(args), args.rounds, one_round)
         for name, results in runs.items():
             print(f"{name}: HVS keys by kind {results[-1]['by_kind']}")
             rates = [r["events_per_s"] for r in results]
@@ -198,15 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.vs:
             a, b = runs.values()
             key = "all_bytes_per_subscriber_day"
-            ratios = [x["events_per_s"] / y["events_per_s"] for x, y in zip(a, b, strict=True)]
-            print(
-                f"A/B events/s, pair by pair: {', '.join(f'{q:.2f}' for q in ratios)} "
-                f"(median {statistics.median(ratios):.2f}); bytes per subscriber-day A/B "
-                f"{a[-1][key] / b[-1][key]:.2f}"
+            events_per_s = pair_ratios(
+                "events/s", (x["events_per_s"] for x in a), (y["events_per_s"] for y in b)
             )
-        print(f"load average: {os.getloadavg()[0]:.2f} (2 cores, shared)")
-    finally:
-        private.stop()
+            print(f"{events_per_s}; bytes per subscriber-day A/B {a[-1][key] / b[-1][key]:.2f}")
     return 0
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import redis
 
-from bench.hvs_api import PrivateRedis
-from common.settings import PROJECT_ROOT
+from bench._ab import add_checkout_arguments, alternate, checkouts, pair_ratios, throwaway_redis
 
 PUBLISH = """
 import sys, time, orjson
@@ -69,20 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--files", type=int, default=100, help="of 1000 rows each")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--vs", type=Path, help="another checkout of the project (B)")
-    parser.add_argument("--this", type=Path, default=Path(PROJECT_ROOT), help="checkout A")
+    add_checkout_arguments(parser, "checkout A")
     args = parser.parse_args(argv)
-    trees = {"A (this)": args.this.resolve()}
-    if args.vs:
-        trees["B (vs)"] = args.vs.resolve()
-    private = PrivateRedis()
-    try:
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in trees}
-        for i in range(args.rounds):
-            for name, tree in trees.items():
-                runs[name].append(run_once(tree, private.url(1), args.files))
-                wall, cpu = runs[name][-1]
-                print(f"round {i + 1} {name}: {wall:,.0f} rows/s, {cpu:,.0f} rows per CPU-s")
+    with throwaway_redis() as private:
+
+        def one_round(i: int, name: str, tree: Path) -> tuple[float, float]:
+            wall, cpu = run_once(tree, private.url(1), args.files)
+            print(f"round {i + 1} {name}: {wall:,.0f} rows/s, {cpu:,.0f} rows per CPU-s")
+            return wall, cpu
+
+        runs = alternate(checkouts(args), args.rounds, one_round)
         for name, got in runs.items():
             print(
                 f"{name}: median {statistics.median(w for w, _ in got):,.0f} rows/s, "
@@ -91,14 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.vs:
             a, b = runs.values()
             for i, what in enumerate(("rows/s", "rows per CPU-s")):
-                ratios = [x[i] / y[i] for x, y in zip(a, b, strict=True)]
-                print(
-                    f"A/B {what}, pair by pair: {', '.join(f'{q:.2f}' for q in ratios)} "
-                    f"(median {statistics.median(ratios):.2f})"
-                )
-        print(f"load average: {os.getloadavg()[0]:.2f} (2 cores, shared)")
-    finally:
-        private.stop()
+                print(pair_ratios(what, (x[i] for x in a), (y[i] for y in b)))
     return 0
 
 

@@ -439,13 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     env = demo_env(stack.s, kafka)
     try:
         if kafka is not None:
-            stack.monitoring.expect_kafka_path()
+            stack.monitoring.expect_kafka_path(kafka)
         stack.start()
         if kafka is not None:
             jvm.fetch(kafka.cache)  # once: the pinned jars, as `make setup` fetches them
             kafka.start()
             if stack.s.monitoring:
-                stack.monitoring.scrape_kafka(kafka)
+                stack.monitoring.scrape_kafka()
         env_file = stack.state / "demo.env"
         write_env_file(env_file, env)
         env_dir = write_process_env_files(stack, kafka)

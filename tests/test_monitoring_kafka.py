@@ -1,8 +1,8 @@
 """Monitoring on the Kafka path, on the real cluster (`real_kafka`: 3 KRaft brokers and a Connect
 worker, each with Prometheus' JMX exporter agent) and a real Prometheus:
 
-- Prometheus, told of the cluster as `make demo STREAM=kafka` tells it (`scrape_kafka`, a
-  reload), scrapes the four agents as up;
+- Prometheus, told of the running cluster as `make demo STREAM=kafka` tells it
+  (`expect_kafka_path`, then `scrape_kafka`: a reload), scrapes the four agents as up;
 - a JDBC sink whose task cannot reach its database makes `kafka_connect_task_status{status=
   "failed"}` read 1 in Prometheus and fires `ConnectTaskFailed`; a sink that runs next to it
   reads 0 failed tasks and fires nothing;
@@ -79,7 +79,8 @@ def monitored(real_kafka: RealKafka, stack) -> Iterator[Monitoring]:
     monitoring = Monitoring(stack.settings, settings, services={})
     monitoring.start()
     try:
-        monitoring.scrape_kafka(real_kafka.cluster)
+        monitoring.expect_kafka_path(real_kafka.cluster)
+        monitoring.scrape_kafka()
         yield monitoring
     finally:
         monitoring.stop()

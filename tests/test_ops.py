@@ -150,20 +150,29 @@ def test_the_kafka_paths_jmx_agents_are_scrape_jobs_and_port_0_leaves_them_out(t
     m = MonitoringSettings()
     jobs = local_targets(m, {"hvs": "127.0.0.1:19104"}, kafka.scrape_jobs()).jobs
     assert jobs["kafka"] == kafka.scrape_jobs()["kafka"] and jobs["hvs"] == ["127.0.0.1:19104"]
-    monitoring = Monitoring(s, m, services={})
-    assert "kafka" not in monitoring.targets().jobs
-    monitoring.scrape_kafka(kafka)  # nothing runs: renders, reloads nobody
-    rendered = (monitoring.config_dir / "prometheus.yml").read_text()
-    assert "job_name: kafka_connect" in rendered and "127.0.0.1:19114" in rendered
-    # the demo's own processes: on the Kafka path Debezium captures the CRM, no crm_cdc to scrape
+    # the demo's own processes: told of the Kafka path before the start, Prometheus never
+    # scrapes the embedded change capture (Debezium captures the CRM), nor the agents of a
+    # cluster that does not run yet
     demo = Monitoring(s, m)
-    assert "crm_cdc" in demo.targets().jobs
-    demo.scrape_kafka(kafka)
-    assert "crm_cdc" not in demo.targets().jobs and "hvs" in demo.targets().jobs
-    assert "job_name: crm_cdc" not in (demo.config_dir / "prometheus.yml").read_text()
-    before_start = Monitoring(s, m)  # told before Prometheus starts: never scraped at all
-    before_start.expect_kafka_path()
-    assert "crm_cdc" not in before_start.targets().jobs
+    assert "crm_cdc" in demo.targets().jobs and "kafka" not in demo.targets().jobs
+    with pytest.raises(StackError, match="expect_kafka_path"):
+        demo.scrape_kafka()  # which cluster?
+    demo.expect_kafka_path(kafka)
+    jobs = demo.targets().jobs
+    assert "crm_cdc" not in jobs and "hvs" in jobs and "kafka" not in jobs
+    # the cluster up (a process in its Connect worker's pid file): its agents are scraped
+    kafka.connect.pidfile.parent.mkdir(parents=True, exist_ok=True)
+    worker = subprocess.Popen(["sleep", "60"])
+    try:
+        kafka.connect.pidfile.write_text(f"{worker.pid}\n")
+        demo.scrape_kafka()  # no Prometheus runs: renders, reloads nobody
+        assert demo.targets().jobs["kafka"] == kafka.scrape_jobs()["kafka"]
+    finally:
+        worker.kill()
+        worker.wait()
+    rendered = (demo.config_dir / "prometheus.yml").read_text()
+    assert "job_name: kafka_connect" in rendered and "127.0.0.1:19114" in rendered
+    assert "job_name: crm_cdc" not in rendered and "job_name: hvs" in rendered
 
 
 def test_the_default_ports_of_every_part_are_distinct():

@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
                 jvm.fetch()
             case "start":
                 if args.stream == "kafka":
-                    stack.monitoring.expect_kafka_path()
+                    stack.monitoring.expect_kafka_path(kafka)
                 stack.start()
                 if args.stream == "kafka":
                     kafka.start()
                     if stack.s.monitoring:
-                        stack.monitoring.scrape_kafka(kafka)
+                        stack.monitoring.scrape_kafka()
             case "stop":
                 stack.stop_processes()  # the consumers and loaders before their brokers
                 kafka.stop()

@@ -92,8 +92,7 @@ class Monitoring:
         self.cdr_dir = cdr_dir or os.environ.get("CDR_DIR", ".")
         self.s = settings or MonitoringSettings()
         self._services = services
-        self._kafka_jobs: dict[str, list[str]] = {}
-        self._kafka_path = False
+        self._kafka: KafkaStack | None = None  # the Kafka path this stack runs, once told
         self.dir = stack.state_dir.resolve() / "monitoring"
         self.config_dir = self.dir / "config"
         self.run_dir = self.dir / "run"
@@ -108,25 +107,32 @@ class Monitoring:
         return self.s.alertmanager_url
 
     def targets(self) -> Targets:
-        services, kafka_jobs = self._services, self._kafka_jobs
+        """What Prometheus scrapes. On the Kafka path (told, or found running by a re-render such
+        as `make start` after it) Debezium captures the CRM, so the embedded change capture is left
+        out; the cluster's JMX exporter agents (jobs `kafka`, `kafka_connect`) are scraped while
+        it runs."""
+        services, kafka = self._services, self._kafka
         if services is None:  # the demo's processes on their configured ports
             services = service_targets(self.stack, self.s)
-            if not kafka_jobs:  # a re-render while the Kafka path runs (`make start` after it)
-                kafka = KafkaStack(self.stack)
-                kafka_jobs = kafka.scrape_jobs() if kafka.any_running() else {}
-            if kafka_jobs or self._kafka_path:  # Debezium captures the CRM: no embedded reader
+            if kafka is None:
+                running = KafkaStack(self.stack)
+                kafka = running if running.any_running() else None
+            if kafka is not None:
                 services = {job: t for job, t in services.items() if job != "crm_cdc"}
+        kafka_jobs = kafka.scrape_jobs() if kafka is not None and kafka.any_running() else {}
         return local_targets(self.s, services, kafka_jobs)
 
-    def expect_kafka_path(self) -> None:
-        """Before the start: the stack runs the Kafka path, so Prometheus never waits for the
-        embedded change capture (a job removed by a reload keeps its last `up` for minutes)."""
-        self._kafka_path = True
+    def expect_kafka_path(self, kafka: KafkaStack) -> None:
+        """The stack runs the Kafka path `kafka`. Told before the start, Prometheus never waits
+        for the embedded change capture (a job removed by a reload keeps its last `up` for
+        minutes); the cluster's agents are scraped once it runs (`scrape_kafka` then)."""
+        self._kafka = kafka
 
-    def scrape_kafka(self, kafka: KafkaStack) -> None:
-        """Scrape the Kafka path's JMX exporter agents too (jobs `kafka`, `kafka_connect`): the
-        configuration is rendered again and a running Prometheus reloads it."""
-        self._kafka_jobs = kafka.scrape_jobs()
+    def scrape_kafka(self) -> None:
+        """The Kafka path's cluster is up: the configuration is rendered again with its JMX
+        exporter agents, and a running Prometheus reloads it."""
+        if self._kafka is None:
+            raise StackError("scrape_kafka: say which cluster first (expect_kafka_path)")
         render(self.config_dir, self.s, self.targets())
         pid = read_pid(self._pidfile("prometheus"))
         if pid is not None:
