@@ -6,7 +6,9 @@ Per day, in three steps:
 1. **Rates.** The day's ticks in `forex_data.ticks` (and, per pair, the last hour with ticks
    before the day: the as-of rate of the first hours) are applied through the consumer's own
    exactly-once path (`Hvs.apply_ticks`): a tick the HVS has already is a duplicate, a missing
-   one is added. The rates are then read back from `hvs:fx`, as the consumer reads them.
+   one is added. The rates are read back from `hvs:fx`, as the consumer reads them, under the
+   pause (step 3): no tick is added then, so the day is priced at the rates the consumer
+   resumes with, and no ZAR is left waiting for a rate the HVS holds.
 2. **Snapshot.** The day's CDR events are read from `cdr_data` in one repeatable-read
    transaction, as the JSON messages the loader publishes (`ingestion.cdr_publish.range_sql`),
    and decoded by the consumer's decoder (`hvs.decode.load_cdr`).
@@ -109,7 +111,6 @@ def rebuild_day(hvs: Hvs, conn: psycopg.Connection, day: date) -> DayReport:
     end = start + timedelta(days=1)
     report = DayReport(day=K.day_of(day))
     report.ticks_added = _add_raw_ticks(hvs, conn, start, end)
-    _unless_paused(hvs.refresh)
     with conn.transaction():
         conn.execute("set transaction isolation level repeatable read")
         landed = [r[0] for r in conn.execute("select file_name from cdr_data.files")]
@@ -124,6 +125,8 @@ def rebuild_day(hvs: Hvs, conn: psycopg.Connection, day: date) -> DayReport:
         report.late_events = len(late)
         rows += late
         _renew(hvs.redis, token)
+        # the rates as the consumer will resume with them: no tick is added under the pause
+        hvs.refresh()
         built = hvs.build(rows)
         report.pending_hours = len(built.hours)
         report.usage_keys, report.removed_keys = _write_day(hvs, report.day, built, token)

@@ -20,7 +20,7 @@ from hvs import keys as K
 from hvs.rebuild import RebuildError, rebuild
 from hvs.runner import run
 from hvs.store import Built, Hvs, Paused
-from ingestion.generators.forex import ForexConfig, tick_messages
+from ingestion.generators.forex import ForexConfig, publish_ticks, tick_messages
 from ingestion.stream import open_consumer
 from tests.fixtures.polling import wait_for
 from tests.test_hvs import (
@@ -414,3 +414,43 @@ def test_a_rebuild_that_lost_its_pause_writes_nothing(
     finally:
         stop.set()
         consumer.join(60)
+
+
+def test_the_rebuild_prices_at_the_rates_the_hvs_holds_when_it_writes(
+    stack, analytics, redis_client, monkeypatch
+):
+    """Ticks arrive between the rebuild's snapshot and its pause, and the consumer applies them.
+    Under the pause no tick can be added, so the rates in `hvs:fx` then are the ones the
+    consumer resumes with: the rebuild prices the day at them, and leaves no ZAR waiting for a
+    rate the HVS holds (the consumer would price it only at a later batch, if any came)."""
+    import hvs.rebuild as rb
+
+    settings = settings_for(stack, analytics_dsn=stack.analytics_dsn, consumer_name="live")
+    cfg = forex()
+    events = make_events(n_files=1, rows=100, seed=6, start=datetime(2024, 1, 1))
+    land_events(analytics, events)
+    stop = threading.Event()
+    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
+    consumer.start()
+    real_pause = rb._pause
+    ticked: list[bool] = []
+
+    def ticks_then_pause(r: redis.Redis) -> str:
+        if not ticked:
+            publish_ticks(cfg, stack.stream_url)
+            probe = open_consumer(stack.stream_url, ["tick-data"], "hvs", consumer_name="p")
+            try:
+                ticked.append(wait_for(lambda: probe.lag() == 0, "the ticks applied", 60))
+            finally:
+                probe.close()
+        return real_pause(r)
+
+    monkeypatch.setattr(rb, "_pause", ticks_then_pause)
+    try:
+        rebuild(settings, *DAYS)
+    finally:
+        stop.set()
+        consumer.join(60)
+    assert ticked == [True]
+    assert redis_client.scard(K.PENDING_INDEX) == 0
+    assert stored_usage(redis_client) == expected_usage(events, forex_oracle(cfg))
