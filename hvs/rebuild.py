@@ -6,18 +6,24 @@ Per day, in three steps:
 1. **Rates.** The day's ticks in `forex_data.ticks` (and, per pair, the last hour with ticks
    before the day: the as-of rate of the first hours) are applied through the consumer's own
    exactly-once path (`Hvs.apply_ticks`): a tick the HVS has already is a duplicate, a missing
-   one is added. The rates are then read back from `hvs:fx`, as the consumer reads them.
+   one is added. The rates are read back from `hvs:fx`, as the consumer reads them, under the
+   pause (step 3): no tick is added then, so the day is priced at the rates the consumer
+   resumes with, and no ZAR is left waiting for a rate the HVS holds.
 2. **Snapshot.** The day's CDR events are read from `cdr_data` in one repeatable-read
    transaction, as the JSON messages the loader publishes (`ingestion.cdr_publish.range_sql`),
    and decoded by the consumer's decoder (`hvs.decode.load_cdr`).
 3. **Write, under a pause.** `hvs:pause` is set: the consumer's apply script then changes nothing
    and the consumer waits (it applied every event of the files it saw before, and those files
    are in the snapshot, because a file is published only after it landed). The rows of files
-   that landed since the snapshot are read, the day's usage is built by the consumer's pricing
-   (`Hvs.build`) and written in one MULTI/EXEC: the day's usage hashes and pending-WAK hours
-   are replaced, and the applied-event bits of the day's events are set (OR-ed into each file's
-   bitmap), so the consumer skips those events when it sees them later and applies the rest.
-   The pause is released (it expires by itself should the rebuild die).
+   that landed since the snapshot are read (less any event the snapshot holds already: rows
+   committed before their file's ledger row would otherwise count twice), the day's usage is
+   built by the consumer's pricing (`Hvs.build`) and written in one MULTI/EXEC: the day's usage
+   hashes and pending-WAK hours are replaced, and the applied-event bits of the day's events
+   are set (OR-ed into each file's bitmap), so the consumer skips those events when it sees
+   them later and applies the rest. The write WATCHes the pause: if it expired or changed hands
+   (the rebuild stalled longer than it holds), nothing is written and the rebuild stops with an
+   error (a consumer may have applied events the write would wipe). The pause is released (it
+   expires by itself should the rebuild die).
 
 Running it twice gives the same HVS. Ticks are only added, never removed (the tick sink and the
 HVS read one stream independently, so the HVS may hold a tick the raw table does not have yet).
@@ -32,7 +38,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import psycopg
 import redis
@@ -105,7 +111,6 @@ def rebuild_day(hvs: Hvs, conn: psycopg.Connection, day: date) -> DayReport:
     end = start + timedelta(days=1)
     report = DayReport(day=K.day_of(day))
     report.ticks_added = _add_raw_ticks(hvs, conn, start, end)
-    _unless_paused(hvs.refresh)
     with conn.transaction():
         conn.execute("set transaction isolation level repeatable read")
         landed = [r[0] for r in conn.execute("select file_name from cdr_data.files")]
@@ -116,9 +121,12 @@ def rebuild_day(hvs: Hvs, conn: psycopg.Connection, day: date) -> DayReport:
     try:
         with conn.transaction():
             late = _read_events(hvs, conn, start, end, landed, report)
+        late = _not_in_snapshot(late, rows, set(landed))
         report.late_events = len(late)
         rows += late
         _renew(hvs.redis, token)
+        # the rates as the consumer will resume with them: no tick is added under the pause
+        hvs.refresh()
         built = hvs.build(rows)
         report.pending_hours = len(built.hours)
         report.usage_keys, report.removed_keys = _write_day(hvs, report.day, built, token)
@@ -153,6 +161,18 @@ def _read_events(
                     continue
                 rows.append(row)
     return rows
+
+
+def _not_in_snapshot(late: list[CdrRow], snapshot: list[CdrRow], landed: set[str]) -> list[CdrRow]:
+    """The events of `late` that the snapshot does not hold. Rows whose file is not in the
+    ledger's snapshot (`landed`) are read again under the pause; some of them may be in the
+    snapshot already: rows committed before their file's ledger row (not the loader's way: it
+    lands a file and its ledger row in one transaction) or rows without a ledger row at all.
+    An event is identified by its file and line, as by the consumer."""
+    seen = {(row[8], row[9]) for row in snapshot if row[8] not in landed}
+    if not seen:
+        return late
+    return [row for row in late if (row[8], row[9]) not in seen]
 
 
 def _add_raw_ticks(hvs: Hvs, conn: psycopg.Connection, start: datetime, end: datetime) -> int:
@@ -203,10 +223,21 @@ def _write_day(hvs: Hvs, day: str, built: Built, token: str) -> tuple[int, int]:
             fields[f] = fields.get(f, 0) + int(incr[j + 1])
         i += 3 + 2 * n
     usage = {k for k in hashes if k.startswith(f"{K.PREFIX}u:")}
-    existing = {k.decode() for k in r.scan_iter(match=K.usage_pattern(day), count=5000)}
     hours = [f"{day}{h:02d}" for h in range(24)]
     tmp = f"{K.PREFIX}rebuild:{token}"
+    lost = RebuildError(
+        f"{K.PAUSE_KEY} expired or changed hands before the day {day} was written (the rebuild"
+        " stalled for longer than it holds): nothing of the day written; run it again"
+    )
     with r.pipeline(transaction=True) as pipe:
+        # The write replaces the day whole, so it must hold the pause to its end: a consumer
+        # that applied events meanwhile (of files landed after the read) would lose them, their
+        # bits set. WATCH makes EXEC fail if the pause expires or is taken from here on.
+        pipe.watch(K.PAUSE_KEY)
+        if _owner(pipe.hget(K.PAUSE_KEY, "owner")) != token:
+            raise lost
+        existing = {k.decode() for k in r.scan_iter(match=K.usage_pattern(day), count=5000)}
+        pipe.multi()
         stale = sorted(existing | usage)
         for s in range(0, len(stale), 1000):
             pipe.delete(*stale[s : s + 1000])
@@ -228,8 +259,15 @@ def _write_day(hvs: Hvs, day: str, built: Built, token: str) -> tuple[int, int]:
             pipe.bitop("OR", key, key, tmp)
             pipe.delete(tmp)
             pipe.expire(key, ttl)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            raise lost from None
     return len(usage), len(existing - usage)
+
+
+def _owner(value: object) -> str | None:
+    return value.decode() if isinstance(value, bytes) else cast("str | None", value)
 
 
 # -- the pause -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from macros_py.currency import RateLookup, fx_rates_hourly
 from macros_py.indicators import Tick
 from macros_py.tariffs import call_cost_zar, data_cost_zar
 from ops.stack import free_port
+from tests.fixtures.polling import wait_for
 
 DATA_TYPES = ("video", "audio", "image", "text", "application")
 CALL_TYPES = ("voice", "video")
@@ -584,15 +585,14 @@ def test_follow_mode_metrics_and_sigterm(stack, redis_client):
         for topic, evs in events.items():
             publish(stack.stream_url, topic, evs)
         want = expected_usage(events, None)
-        deadline = time.monotonic() + 30
-        while stored_usage(redis_client) != want:
-            assert time.monotonic() < deadline, "events not applied in time"
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.1)
-        body = ""
-        while "hvs_landing_to_applied_seconds_count" not in body or "hvs_lag" not in body:
-            assert time.monotonic() < deadline
+        wait_for(lambda: stored_usage(redis_client) == want, "events applied", 30, process=proc)
+
+        def metrics() -> str | None:
             body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            wanted = ("hvs_landing_to_applied_seconds_count", "hvs_lag")
+            return body if all(name in body for name in wanted) else None
+
+        body = wait_for(metrics, "the latency and lag metrics", 30, process=proc)
         assert 'hvs_events_total{outcome="applied",topic="cdr"} 200.0' in body
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
@@ -646,11 +646,7 @@ def test_processes_option_runs_a_group_and_stops_on_sigterm(stack, redis_client)
         for topic, evs in events.items():
             publish(stack.stream_url, topic, evs)
         want = expected_usage(events, None)
-        deadline = time.monotonic() + 30
-        while stored_usage(redis_client) != want:
-            assert time.monotonic() < deadline, "events not applied in time"
-            assert proc.poll() is None
-            time.sleep(0.1)
+        wait_for(lambda: stored_usage(redis_client) == want, "events applied", 30, process=proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         err = proc.stderr.read().decode()
@@ -727,10 +723,7 @@ def test_kafka_backend_exact_and_republish(stack, redis_client, kafka_url):
     worker = threading.Thread(target=run, args=(settings, stop))
     worker.start()
     try:
-        deadline = time.monotonic() + 60
-        while stored_usage(redis_client) != want:
-            assert time.monotonic() < deadline, "events not applied in time"
-            time.sleep(0.2)
+        wait_for(lambda: stored_usage(redis_client) == want, "events applied", 60, interval=0.2)
     finally:
         stop.set()
         worker.join(30)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from datetime import date, datetime
 from decimal import Decimal
 
@@ -18,11 +17,12 @@ import redis
 
 from common.settings import PROJECT_ROOT
 from hvs import keys as K
-from hvs.rebuild import rebuild
+from hvs.rebuild import RebuildError, rebuild
 from hvs.runner import run
-from hvs.store import Hvs, Paused
-from ingestion.generators.forex import ForexConfig, tick_messages
+from hvs.store import Built, Hvs, Paused
+from ingestion.generators.forex import ForexConfig, publish_ticks, tick_messages
 from ingestion.stream import open_consumer
+from tests.fixtures.polling import wait_for
 from tests.test_hvs import (
     drain,
     duplicates,
@@ -47,26 +47,39 @@ VOICE_COLUMNS = (
 )  # fmt: skip
 
 
-def land_events(conn: psycopg.Connection, events: dict[str, list[dict]]) -> None:
-    """The events' rows in the raw tables, as the loader lands them (one ledger row per file)."""
-    files: dict[str, tuple[str, int]] = {}
+def land_rows(conn: psycopg.Connection, events: dict[str, list[dict]]) -> None:
+    """The events' rows in the raw tables (no ledger row)."""
     with conn.cursor() as cur:
         with cur.copy(f"copy cdr_data.data_records ({', '.join(DATA_COLUMNS)}) from stdin") as copy:
             for e in events.get("cdr-data", []):
                 copy.write_row([e[c] for c in DATA_COLUMNS])
-                files[e["source_file"]] = ("data", files.get(e["source_file"], ("", 0))[1] + 1)
         with cur.copy(
             f"copy cdr_data.voice_records ({', '.join(VOICE_COLUMNS)}) from stdin"
         ) as copy:
             for e in events.get("cdr-voice", []):
                 copy.write_row([e[c] for c in VOICE_COLUMNS])
-                files[e["source_file"]] = ("voice", files.get(e["source_file"], ("", 0))[1] + 1)
-        for name, (kind, rows) in files.items():
-            cur.execute(
-                "insert into cdr_data.files (file_name, kind, size_bytes, sha256, rows_landed,"
-                " rows_rejected) values (%s, %s, 0, 'x', %s, 0)",
-                (name, kind, rows),
-            )
+
+
+def land_ledger(conn: psycopg.Connection, events: dict[str, list[dict]]) -> None:
+    """One `cdr_data.files` row per file of the events."""
+    files: dict[str, tuple[str, int]] = {}
+    for topic, kind in (("cdr-data", "data"), ("cdr-voice", "voice")):
+        for e in events.get(topic, []):
+            files[e["source_file"]] = (kind, files.get(e["source_file"], ("", 0))[1] + 1)
+    for name, (kind, rows) in files.items():
+        conn.execute(
+            "insert into cdr_data.files (file_name, kind, size_bytes, sha256, rows_landed,"
+            " rows_rejected) values (%s, %s, 0, 'x', %s, 0)",
+            (name, kind, rows),
+        )
+
+
+def land_events(conn: psycopg.Connection, events: dict[str, list[dict]]) -> None:
+    """The events' rows and their files' ledger rows in one transaction, as the loader lands a
+    file (`ingestion.cdr_landing.land_file`)."""
+    with conn.transaction():
+        land_rows(conn, events)
+        land_ledger(conn, events)
 
 
 def land_ticks(conn: psycopg.Connection, cfg: ForexConfig) -> None:
@@ -199,38 +212,47 @@ def test_rebuild_while_the_consumer_follows_and_files_land(stack, analytics, red
     stop = threading.Event()
     consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
     consumer.start()
-    rebuilds = []
+    rebuilds: list[list] = []
+    failed: list[BaseException] = []
+    landing_done = threading.Event()
 
     def rebuild_loop() -> None:
-        while not landing_done.is_set():
-            rebuilds.append(rebuild(settings, *DAYS))
+        try:
+            while not landing_done.is_set():
+                rebuilds.append(rebuild(settings, *DAYS))
+        except BaseException as exc:
+            failed.append(exc)
+            raise
 
-    landing_done = threading.Event()
+    def rebuilt_twice() -> bool:
+        if failed:
+            raise AssertionError("a rebuild failed") from failed[0]
+        return len(rebuilds) >= 2
+
     rebuilder = threading.Thread(target=rebuild_loop, daemon=True)
     rebuilder.start()
     try:
-        for name in names:  # land, then publish: the loader's order
-            part = split(events, {name})
-            land_events(analytics, part)
-            for topic, evs in part.items():
-                if evs:
-                    publish(stack.stream_url, topic, evs)
-        deadline = time.monotonic() + 30
-        while len(rebuilds) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        try:
+            for name in names:  # land, then publish: the loader's order
+                part = split(events, {name})
+                land_events(analytics, part)
+                for topic, evs in part.items():
+                    if evs:
+                        publish(stack.stream_url, topic, evs)
+            wait_for(rebuilt_twice, "two rebuilds while the files landed", 60)
+        finally:
+            landing_done.set()
+            rebuilder.join(120)
+        assert not rebuilder.is_alive() and not failed
+        # the consumer catches up: the group's lag reaches 0
+        probe = open_consumer(stack.stream_url, ["cdr-data", "cdr-voice"], "hvs", consumer_name="p")
+        try:
+            wait_for(lambda: probe.lag() == 0, "the consumer to catch up", 60)
+        finally:
+            probe.close()
     finally:
-        landing_done.set()
-        rebuilder.join(120)
-    assert len(rebuilds) >= 2
-    # the consumer catches up: the group's lag reaches 0 (polled with a deadline)
-    probe = open_consumer(stack.stream_url, ["cdr-data", "cdr-voice"], "hvs", consumer_name="p")
-    deadline = time.monotonic() + 60
-    while probe.lag() != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert probe.lag() == 0
-    probe.close()
-    stop.set()
-    consumer.join(60)
+        stop.set()
+        consumer.join(60)
     assert not consumer.is_alive()
     assert stored_usage(redis_client) == expected_usage(events, None)
     assert redis_client.exists(K.PAUSE_KEY) == 0
@@ -266,10 +288,8 @@ def test_a_file_applied_between_the_snapshot_and_the_pause_is_counted(
         if not landed_late:
             land_events(analytics, late)
             publish(stack.stream_url, "cdr-voice", late["cdr-voice"])
-            deadline = time.monotonic() + 30  # the consumer applied the late file
             key = K.seen_key("cdr_voice_0001.csv")
-            while redis_client.bitcount(key) < 100 and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_for(lambda: redis_client.bitcount(key) >= 100, "the consumer applied the file")
             landed_late.append(redis_client.bitcount(key))
         return real_pause(r)
 
@@ -286,3 +306,151 @@ def test_a_file_applied_between_the_snapshot_and_the_pause_is_counted(
     assert stored_usage(redis_client) == expected_usage(
         split(events, {"cdr_data_0000.csv", "cdr_voice_0001.csv"}), None
     )
+
+
+def test_rows_the_snapshot_sees_before_their_ledger_row_count_once(
+    stack, analytics, redis_client, monkeypatch
+):
+    """The race behind a failure of the follow test, made certain: a file's rows are committed
+    before its ledger row (the follow test's helper landed them in two transactions), so the
+    rebuild's snapshot holds the rows but not the file; the ledger row follows, the file is
+    published and the following consumer applies it before the pause. The rebuild must count
+    the file's events once: it read them in the snapshot, and again under the pause as a file
+    that landed after it (usage doubled, while the consumer took the events for duplicates)."""
+    import hvs.rebuild as rb
+
+    settings = settings_for(stack, analytics_dsn=stack.analytics_dsn, consumer_name="live")
+    events = make_events(n_files=2, rows=100, seed=3, start=datetime(2024, 1, 1))
+    early, late = split(events, {"cdr_data_0000.csv"}), split(events, {"cdr_voice_0001.csv"})
+    both = expected_usage(split(events, {"cdr_data_0000.csv", "cdr_voice_0001.csv"}), None)
+    land_events(analytics, early)
+    land_rows(analytics, late)  # committed; its ledger row not yet
+    stop = threading.Event()
+    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
+    consumer.start()
+    real_pause = rb._pause
+    ledgered: list[int] = []
+
+    def ledger_then_pause(r: redis.Redis) -> str:
+        if not ledgered:
+            land_ledger(analytics, late)
+            publish(stack.stream_url, "cdr-voice", late["cdr-voice"])
+            key = K.seen_key("cdr_voice_0001.csv")
+            ledgered.append(wait_for(lambda: redis_client.bitcount(key) == 100, "late applied"))
+        return real_pause(r)
+
+    monkeypatch.setattr(rb, "_pause", ledger_then_pause)
+    try:
+        reports = rebuild(settings, *DAYS)
+    finally:
+        stop.set()
+        consumer.join(60)
+    assert ledgered == [True]
+    assert sum(r.events for r in reports) == 200  # each event once
+    assert stored_usage(redis_client) == both
+
+
+@pytest.mark.parametrize("when", ["before the write", "while the write is queued"])
+def test_a_rebuild_that_lost_its_pause_writes_nothing(
+    stack, analytics, redis_client, monkeypatch, when
+):
+    """The pause expires after the rebuild read the raw tables (it stalled for PAUSE_SECONDS); a
+    file lands meanwhile and the consumer, no longer held, applies it. Writing the day then would
+    replace its usage by what the rebuild read, without that file, while the file's bits stay
+    set: its usage lost for good. The rebuild writes nothing and says so, whether the pause was
+    gone when the write began or went while it was queued (WATCH); run again, it is exact."""
+    import hvs.rebuild as rb
+
+    settings = settings_for(stack, analytics_dsn=stack.analytics_dsn, consumer_name="live")
+    events = make_events(n_files=2, rows=100, seed=4, start=datetime(2024, 1, 1))
+    early, late = split(events, {"cdr_data_0000.csv"}), split(events, {"cdr_voice_0001.csv"})
+    both = expected_usage(split(events, {"cdr_data_0000.csv", "cdr_voice_0001.csv"}), None)
+    land_events(analytics, early)
+    publish(stack.stream_url, "cdr-data", early["cdr-data"])
+    stop = threading.Event()
+    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
+    consumer.start()
+    expired: list[bool] = []
+
+    def expire_and_land() -> None:
+        if expired:
+            return
+        redis_client.pexpire(K.PAUSE_KEY, 1)
+        wait_for(lambda: not redis_client.exists(K.PAUSE_KEY), "the pause to expire")
+        land_events(analytics, late)
+        publish(stack.stream_url, "cdr-voice", late["cdr-voice"])
+        key = K.seen_key("cdr_voice_0001.csv")
+        expired.append(wait_for(lambda: redis_client.bitcount(key) == 100, "late applied"))
+
+    if when == "before the write":
+        real_write = rb._write_day
+
+        def hook(hvs: Hvs, day: str, built: Built, token: str) -> tuple[int, int]:
+            expire_and_land()
+            return real_write(hvs, day, built, token)
+
+        monkeypatch.setattr(rb, "_write_day", hook)
+    else:  # the day's keys are looked for after the WATCH, before MULTI
+        real_pattern = K.usage_pattern
+
+        def pattern(day: str) -> str:
+            expire_and_land()
+            return real_pattern(day)
+
+        monkeypatch.setattr(K, "usage_pattern", pattern)
+    try:
+        wait_for(
+            lambda: redis_client.bitcount(K.seen_key("cdr_data_0000.csv")) == 100, "early applied"
+        )
+        with pytest.raises(
+            RebuildError, match=r"before the day 20240101 was written.*nothing of the day written"
+        ):
+            rebuild(settings, *DAYS)
+        assert expired == [True]
+        assert stored_usage(redis_client) == both  # nothing lost
+        monkeypatch.undo()
+        rebuild(settings, *DAYS)
+        assert stored_usage(redis_client) == both
+    finally:
+        stop.set()
+        consumer.join(60)
+
+
+def test_the_rebuild_prices_at_the_rates_the_hvs_holds_when_it_writes(
+    stack, analytics, redis_client, monkeypatch
+):
+    """Ticks arrive between the rebuild's snapshot and its pause, and the consumer applies them.
+    Under the pause no tick can be added, so the rates in `hvs:fx` then are the ones the
+    consumer resumes with: the rebuild prices the day at them, and leaves no ZAR waiting for a
+    rate the HVS holds (the consumer would price it only at a later batch, if any came)."""
+    import hvs.rebuild as rb
+
+    settings = settings_for(stack, analytics_dsn=stack.analytics_dsn, consumer_name="live")
+    cfg = forex()
+    events = make_events(n_files=1, rows=100, seed=6, start=datetime(2024, 1, 1))
+    land_events(analytics, events)
+    stop = threading.Event()
+    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
+    consumer.start()
+    real_pause = rb._pause
+    ticked: list[bool] = []
+
+    def ticks_then_pause(r: redis.Redis) -> str:
+        if not ticked:
+            publish_ticks(cfg, stack.stream_url)
+            probe = open_consumer(stack.stream_url, ["tick-data"], "hvs", consumer_name="p")
+            try:
+                ticked.append(wait_for(lambda: probe.lag() == 0, "the ticks applied", 60))
+            finally:
+                probe.close()
+        return real_pause(r)
+
+    monkeypatch.setattr(rb, "_pause", ticks_then_pause)
+    try:
+        rebuild(settings, *DAYS)
+    finally:
+        stop.set()
+        consumer.join(60)
+    assert ticked == [True]
+    assert redis_client.scard(K.PENDING_INDEX) == 0
+    assert stored_usage(redis_client) == expected_usage(events, forex_oracle(cfg))

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections import Counter
 
@@ -21,6 +20,7 @@ from ingestion.stream import (
     open_producer,
     stream_key,
 )
+from tests.fixtures.polling import wait_for
 
 DEADLINE_S = 30.0
 
@@ -37,21 +37,28 @@ def fresh(name: str) -> str:
 
 
 def drain(consumer: Consumer, expected: int, *, settle: float = 0.3) -> list[Message]:
-    """Poll until `expected` messages arrived (or the deadline), then once more for extras."""
+    """Poll until `expected` messages arrived (a failure after the deadline), then once more
+    for extras."""
     got: list[Message] = []
-    deadline = time.monotonic() + DEADLINE_S
-    while len(got) < expected and time.monotonic() < deadline:
-        got += consumer.poll(max_messages=100, timeout=0.5)
+
+    def enough() -> bool:
+        got.extend(consumer.poll(max_messages=100, timeout=0.5))
+        return len(got) >= expected
+
+    wait_for(enough, f"{expected} messages", DEADLINE_S, interval=0)
     got += consumer.poll(max_messages=100, timeout=settle)
     return got
 
 
 def drain_until(consumer: Consumer, value: bytes) -> list[Message]:
-    """Poll until a message with `value` arrived (or the deadline)."""
+    """Poll until a message with `value` arrived (a failure after the deadline)."""
     got: list[Message] = []
-    deadline = time.monotonic() + DEADLINE_S
-    while not any(m.value == value for m in got) and time.monotonic() < deadline:
-        got += consumer.poll(max_messages=100, timeout=0.5)
+
+    def arrived() -> bool:
+        got.extend(consumer.poll(max_messages=100, timeout=0.5))
+        return any(m.value == value for m in got)
+
+    wait_for(arrived, f"a message {value!r}", DEADLINE_S, interval=0)
     return got
 
 
@@ -168,11 +175,14 @@ def test_latest_start_skips_earlier_messages(url: str) -> None:
         with open_consumer(url, [topic], group, start="latest") as consumer:
             # When "latest" takes effect is up to the broker: publish probes until one arrives.
             got: list[Message] = []
-            deadline = time.monotonic() + DEADLINE_S
-            while not got and time.monotonic() < deadline:
+
+            def probe_arrived() -> bool:
                 producer.publish(topic, b"probe", key=b"k0")
                 producer.flush()
-                got = consumer.poll(timeout=0.3)
+                got.extend(consumer.poll(timeout=0.3))
+                return bool(got)
+
+            wait_for(probe_arrived, "a probe published after the start", DEADLINE_S, interval=0)
             got += consumer.poll(timeout=0.3)
             consumer.commit(got)
     assert got
@@ -254,14 +264,17 @@ def test_redis_two_consumers_in_a_group_split_the_work(stack) -> None:
     ):
         got1: list[Message] = []
         got2: list[Message] = []
-        deadline = time.monotonic() + DEADLINE_S
-        while len(got1) + len(got2) < 200 and time.monotonic() < deadline:
+
+        def both_polled_all() -> bool:
             batch1 = c1.poll(max_messages=30, timeout=0.2)
             batch2 = c2.poll(max_messages=30, timeout=0.2)
             c1.commit(batch1)
             c2.commit(batch2)
-            got1 += batch1
-            got2 += batch2
+            got1.extend(batch1)
+            got2.extend(batch2)
+            return len(got1) + len(got2) >= 200
+
+        wait_for(both_polled_all, "200 messages between the two", DEADLINE_S, interval=0)
         assert c1.lag() == 0
     assert got1 and got2
     assert not {m.position for m in got1} & {m.position for m in got2}
@@ -307,13 +320,17 @@ def test_redis_restart_takes_own_pending_and_claims_others_in_one_poll(stack) ->
     other.close()  # never committed: pending under "other"
     assert (len(mine), len(theirs)) == (3, 5)
     raw = redis.Redis.from_url(url)
+
+    def idle_ms() -> int:
+        return min(
+            e["time_since_delivered"]
+            for e in raw.xpending_range(
+                stream_key(topic), group, min="-", max="+", count=10, consumername="other"
+            )
+        )
+
     try:
-        deadline = time.monotonic() + DEADLINE_S
-        while min(e["time_since_delivered"] for e in raw.xpending_range(
-            stream_key(topic), group, min="-", max="+", count=10, consumername="other"
-        )) < 200:  # fmt: skip
-            assert time.monotonic() < deadline, "entries never became idle"
-            time.sleep(0.05)
+        wait_for(lambda: idle_ms() >= 200, "the dead consumer's entries idle 200 ms", DEADLINE_S)
     finally:
         raw.close()
 
@@ -383,22 +400,25 @@ def test_bad_urls_and_arguments_are_clear_errors() -> None:
 
 def test_commit_from_another_thread_while_polling(url: str) -> None:
     """The HVS consumer's pattern: commit batch n in a worker while batch n+1 is polled."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     topic, group = fresh("t"), fresh("g")
     with open_producer(url) as producer:
         publish_numbered(producer, topic, 200)
     got: list[Message] = []
     with open_consumer(url, [topic], group) as consumer, ThreadPoolExecutor(1) as worker:
-        pending = None
-        deadline = time.monotonic() + DEADLINE_S
-        while len(got) < 200 and time.monotonic() < deadline:
+        pending: list[Future[None]] = []
+
+        def polled_all() -> bool:
             batch = consumer.poll(max_messages=25, timeout=0.5)
-            if pending is not None:
-                pending.result()
-            pending = worker.submit(consumer.commit, batch)
-            got += batch
-        if pending is not None:
-            pending.result()
+            if pending:
+                pending.pop().result()
+            pending.append(worker.submit(consumer.commit, batch))
+            got.extend(batch)
+            return len(got) >= 200
+
+        wait_for(polled_all, "200 messages", DEADLINE_S, interval=0)
+        if pending:
+            pending.pop().result()
         assert consumer.lag() == 0
     assert sorted(numbers(got)) == list(range(200))
