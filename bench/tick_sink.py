@@ -18,9 +18,9 @@ hour) to the `tick-data` stream once, as `make bench` does. Each round:
 Every sink round must leave exactly the rows the baseline left (count and a digest of every
 row), and nothing rejected. Autovacuum is off for the two tables, so that no analyze of a freshly
 filled table lands in another round's figures. `--profile` adds one untimed run of this
-checkout's sink under py-spy (share of samples per function, waits included: the sink's loop
-is what is measured) with `pg_stat_statements` of its SQL (the stack's Postgres restarted with
-the library preloaded).
+checkout's sink under py-spy (share of samples per function, every thread, waits included: the
+sink's loop is what is measured; `--profile-cpu`: only the samples holding the GIL) with
+`pg_stat_statements` of its SQL (the stack's Postgres restarted with the library preloaded).
 """
 
 from __future__ import annotations
@@ -168,8 +168,9 @@ def sink_run(
     }
 
 
-def profile(stack_env: dict[str, str], logs: Path, stack: Stack) -> None:
-    """One untimed run of this checkout's sink under py-spy, and the SQL it ran."""
+def profile(stack_env: dict[str, str], logs: Path, stack: Stack, cpu_only: bool = False) -> None:
+    """One untimed run of this checkout's sink under py-spy (every thread, waits included; or
+    only samples holding the GIL: the Python CPU), and the SQL it ran."""
     dsn = stack_env["WTC_ANALYTICS_DSN"]
     _profile.enable_pg_stat_statements(stack)
     reset(dsn)
@@ -177,7 +178,7 @@ def profile(stack_env: dict[str, str], logs: Path, stack: Stack) -> None:
     raw = logs / "tick_sink.pyspy"
     argv = [sys.executable, "-m", "ingestion.tick_sink", "--once"]
     spied = _profile.pyspy(argv, raw, rate=200)
-    spied.insert(spied.index("--"), os.environ.get("PYSPY_MODE", "--idle"))  # waits too
+    spied.insert(spied.index("--"), "--gil" if cpu_only else "--idle")
     run(Clock(), "profile", spied, sink_env(stack_env, "bench-profile"), logs, Path(PROJECT_ROOT))
     summary = _profile.summarise(raw, limit=25)
     print(f"py-spy, {summary['samples']} samples; own share per function:")
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         "--this", type=Path, default=Path(PROJECT_ROOT), help="the checkout measured as A"
     )
     parser.add_argument("--profile", action="store_true", help="also one run under py-spy")
+    parser.add_argument(
+        "--profile-cpu", action="store_true", help="--profile of the samples holding the GIL only"
+    )
     args = parser.parse_args(argv)
     trees = {"A (this)": args.this.resolve()}
     if args.vs:
@@ -223,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         assert copy_file(stack.s.stream_url, path) == n
         print(f"stream: {n:,} ticks ({args.hours:g} h of the starter's)", flush=True)
         stack_env = {"WTC_ANALYTICS_DSN": dsn, "STREAM_URL": stack.s.stream_url}
-        if args.profile:
-            profile(stack_env, logs, stack)
+        if args.profile or args.profile_cpu:
+            profile(stack_env, logs, stack, cpu_only=args.profile_cpu)
             postmaster = stack.postgres_pid()  # restarted
             assert postmaster is not None
             IDLE_CHILDREN[postmaster] = len(_children(postmaster))
