@@ -20,9 +20,12 @@ PYSPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 def enable_pg_stat_statements(stack: Stack) -> None:
     with psycopg.connect(stack.s.pg_dsn("postgres"), autocommit=True) as conn:
         conn.execute("alter system set shared_preload_libraries = 'pg_stat_statements'")
-        conn.execute("alter system set pg_stat_statements.track = 'all'")
     stack.stop_postgres()
     stack.start_postgres()
+    # the library's settings exist once it is loaded
+    with psycopg.connect(stack.s.pg_dsn("postgres"), autocommit=True) as conn:
+        conn.execute("alter system set pg_stat_statements.track = 'all'")
+        conn.execute("select pg_reload_conf()")
     with psycopg.connect(stack.s.analytics_dsn, autocommit=True) as conn:
         conn.execute("create extension if not exists pg_stat_statements")
         conn.execute("select pg_stat_statements_reset()")

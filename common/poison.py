@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -38,15 +38,16 @@ def reason_of(exc: BaseException) -> str:
     return text if len(text) <= REASON_MAX else text[: REASON_MAX - 3] + "..."
 
 
-def decode(fn: Callable[[], T]) -> T | BadInput:
-    """`fn()` (a pure decoder), or the `BadInput` that says why the input is bad.
+def decode(fn: Callable[..., T], *args: Any) -> T | BadInput:
+    """`fn(*args)` (a pure decoder), or the `BadInput` that says why the input is bad (the
+    arguments given here spare a hot loop a closure per input).
 
     Any `Exception` of a pure decoder is bad data (RecursionError, OverflowError, a decoder bug
     met by odd input): it becomes a `BadInput` with the exception's type in the reason. Nothing
     of the input's making escapes to stop the process.
     """
     try:
-        return fn()
+        return fn(*args)
     except BadInput as exc:
         return exc
     except Exception as exc:  # the rule above: a pure decoder's failure is data

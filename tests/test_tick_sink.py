@@ -217,6 +217,37 @@ def test_repeats_and_conflicting_duplicates(stack, analytics) -> None:
     assert reason.startswith("conflicting duplicate: (MRVZAR, 2024-01-01 00:00:01)")
 
 
+def test_a_batch_meeting_landed_keys_lands_the_rest_and_records_conflicts(stack, analytics):
+    """A later batch that meets keys already landed (its plain insert fails, the batch lands
+    again with `on conflict`): its new ticks land, a repeat is a duplicate, and a conflicting
+    tick is recorded with its own position, key, payload and the landed prices; batches of 2
+    while the next is read."""
+    topic = f"ticks-{uuid.uuid4().hex[:8]}"
+    first = make_ticks(3)  # 6 ticks
+    conflicting = tick_value("MRVZAR", datetime(2024, 1, 1), 1.9, 0.02)  # the first tick's key
+    later = [first[2], (b'"c"', conflicting), *make_ticks(2, datetime(2024, 1, 2))]
+    publish(stack.stream_url, topic, first)
+    settings = sink_settings(stack, stack.stream_url, topic, batch_size=2)
+    sink = TickSink(settings, Metrics())
+    assert sink.run(once=True).landed == 6
+    publish(stack.stream_url, topic, later)
+    total = sink.run(once=True)
+    sink.close()
+    assert (total.messages, total.landed, total.duplicates, total.rejected) == (6, 4, 1, 1)
+    assert landed(analytics) == expected_rows(first + later[2:])
+    rows = analytics.execute(
+        "select source, message_key, payload, reason from forex_data.rejected_messages"
+    ).fetchall()
+    assert len(rows) == 1
+    source, key, payload, reason = rows[0]
+    assert source.startswith(f"{topic}@") and key == '"c"' and payload == conflicting.decode()
+    bid = json.loads(first[0][1], parse_float=Decimal)["bid_price"]
+    assert reason.startswith(
+        f"conflicting duplicate: (MRVZAR, 2024-01-01 00:00:00) already landed with bid/ask/spread "
+        f"{bid}/"
+    )
+
+
 def test_forex_generator_output_lands_and_its_faults_are_rejected(stack, analytics) -> None:
     """The forex generator's ticks (and its deliberately broken messages) through the sink."""
     from ingestion.generators.forex import ForexConfig, publish_ticks
