@@ -47,6 +47,9 @@ def _rate(result: dict, name: str) -> float | None:
 
 def _seconds(result: dict, name: str) -> float | None:
     stage = _stage(result, name)
+    if stage is None and name == "dbt build (first)":
+        # the first build in two parts, one after the other (bench/pipeline.py)
+        return result.get("first_build_seconds")
     return stage["seconds"] if stage else None
 
 

@@ -12,6 +12,12 @@ from common.settings import PROJECT_ROOT, StackSettings
 DBT_DIR = PROJECT_ROOT / "dbt"
 DBT_BIN = Path(sys.executable).parent / "dbt"
 
+# What a production build leaves out: dbt's unit tests check the SQL of the models against fixed
+# inputs, so they belong to development and CI (`make test` runs them: tests/test_dbt_*.py build
+# with every unit test), not to every build of the data (dbt's docs recommend the same). The
+# demo's and the benchmarks' builds add these arguments to `dbt build`.
+PRODUCTION_BUILD_EXCLUDES = ("--exclude-resource-type", "unit_test")
+
 
 def connection_env(
     settings: StackSettings, database: str = "wtc_analytics", role: str | None = None

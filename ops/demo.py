@@ -10,7 +10,8 @@ Steps, each a project command run as its own process:
 3. land them once (CDR loader, tick sink, CRM change capture), which also publishes CDR rows;
 4. start the live side in the background: the loaders in follow mode, the HVS consumer, the
    usage API on :18089;
-5. `dbt build` the prepared layers and serve the dbt docs site;
+5. `dbt build` the prepared layers with their data tests (unit tests run in `make test`) and
+   serve the dbt docs site;
 6. write `.wtc/demo.env` with the connection variables and print how to use them.
 
 `make stop` stops everything this started.
@@ -32,7 +33,7 @@ from pathlib import Path
 from api.auth import hash_password
 from common.logs import setup_logging
 from common.settings import CDR_DROP, PROJECT_ROOT, StackSettings
-from ops.dbt import DBT_BIN, DBT_DIR, connection_env
+from ops.dbt import DBT_BIN, DBT_DIR, PRODUCTION_BUILD_EXCLUDES, connection_env
 from ops.progress import landing_display
 from ops.stack import Stack, StackError, jvm, port_open, wait_until
 from ops.stack.kafka import KafkaStack
@@ -325,7 +326,12 @@ def start_live(stack: Stack, env: dict[str, str], kafka: KafkaStack | None = Non
 def build_warehouse(stack: Stack) -> None:
     env = process_env(stack.s, "dbt")
     try:
-        run("dbt build (prepared layers and their tests)", [str(DBT_BIN), "build"], env, DBT_DIR)
+        run(
+            "dbt build (prepared layers and their data tests)",
+            [str(DBT_BIN), "build", *PRODUCTION_BUILD_EXCLUDES],
+            env,
+            DBT_DIR,
+        )
     finally:
         if stack.s.monitoring:  # the run's outcome as metrics, a failed one too
             stack.monitoring.push_dbt("build", env)
