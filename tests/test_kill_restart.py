@@ -1,12 +1,18 @@
 """The kill-and-restart suite (issue 16, item 8): every long-running process is SIGKILLed at
 random points while it works and started again; Postgres and Redis are restarted during a follow
 run; the SFTP connection is dropped in the middle of a file. After each: the raw tables hold the
-source exactly (no row lost or doubled), and the HVS totals equal the raw sums.
+source exactly (no row lost or doubled), the HVS totals equal the raw sums, and the dbt models
+equal a full refresh.
+
+While the CDR files, the ticks and the CRM changes land, `dbt run` goes on in the background (a
+full build, then incremental runs reading the rows landed after their high-water marks), and a
+Postgres restart cuts a run short; once all has landed, one more incremental `dbt build`, then
+every mart and every intermediate model that keeps state is compared row for row with a
+`dbt run --full-refresh` of the same rows (tests/fixtures/dbt.py, BuildsWhileLanding).
 
 The points are drawn from one seeded random generator: the seed is printed (pytest shows it
-with a failure) and `WTC_KILL_SEED=<seed>` replays a run. The volumes are small so that the
-suite runs in CI's time (a few minutes); the marts' incremental == full refresh is held by the
-dbt tests (tests/test_dbt_*.py), the raw tables being what this suite checks."""
+with a failure) and `WTC_KILL_SEED=<seed>` replays a run (the kills' points; the dbt runs go at
+their own pace). The volumes are small so that the suite runs in CI's time (a few minutes)."""
 
 from __future__ import annotations
 
@@ -23,12 +29,15 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from common.settings import PROJECT_ROOT
 from ingestion.cdr_loader import CdrLoader
 from ingestion.generators.forex import ForexConfig, tick_messages
 from ingestion.stream import open_producer
+from tests.fixtures.dbt import BuildsWhileLanding
+from tests.fixtures.processes import tick_sink_env
 from tests.test_cdr_loader import (
     _sftp_sessions,
     cdr_dir,
@@ -39,9 +48,20 @@ from tests.test_cdr_loader import (
     settings_for,
 )
 from tests.test_crm_cdc import TABLES, Crm, crm, insert_people
+from tests.test_dbt_cdr import SELECT as CDR_SELECT
 from tests.test_poison import _hvs_env, _raw_totals, _usage_totals
 
 __all__ = ["cdr_dir", "crm"]  # fixtures shared with their own test modules
+
+FOREX_SELECT = ["--select", "path:models/staging/forex", "path:models/marts/forex"]
+FOREX_MARTS = ("forex_ohlc_m1", "forex_ohlc_m30", "forex_ohlc_h1", "fx_rates_hourly")
+# the CRM marts and everything they read (crm_balance_hourly reads the CDR events and the rates)
+CRM_SELECT = ["--select", "+path:models/marts/crm"]
+CRM_VERSIONS = (
+    "int_crm__account_versions",
+    "int_crm__address_versions",
+    "int_crm__device_versions",
+)
 
 SEED = int(os.environ.get("WTC_KILL_SEED") or random.SystemRandom().randrange(2**32))
 DEADLINE_S = 120.0
@@ -129,6 +149,15 @@ def kill_at_random(
         rng.choice(procs).kill_and_restart()
 
 
+def assert_marts_equal_full_refresh(builds: BuildsWhileLanding, stack) -> dict[str, int]:
+    """One more incremental build, then every stateful model it built equals a full refresh
+    (tests/fixtures/dbt.py); returns their rows per model."""
+    try:
+        return builds.assert_final_build_equals_full_refresh(stack.analytics_dsn)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n(WTC_KILL_SEED={SEED})") from None
+
+
 def hvs_equals_raw(redis_client, stack) -> bool:
     return _usage_totals(redis_client) == _raw_totals(stack)
 
@@ -147,11 +176,17 @@ def assert_hvs_equals_raw(redis_client, stack) -> None:
 
 
 def test_cdr_loader_and_hvs_consumer_killed_at_random_points(
-    stack, cdr_dir, redis_client, rng, tmp_path
+    stack, cdr_dir, redis_client, dbt_project, rng, tmp_path
 ) -> None:
+    """Files land in eight batches, one per round, while the loader and the HVS consumer are
+    SIGKILLed at random points and dbt runs in the background (a full build, then incremental
+    runs), so that builds read the raw tables while landing transactions are open. After all
+    has landed and one more incremental build: the raw tables equal the source, the HVS the raw
+    sums, and every mart and stateful intermediate model a full refresh."""
     directory, path = cdr_dir
-    files = generated(datetime(2033, 1, 1), pairs=8, rows=300)
-    batches = [files[i::4] for i in range(4)]
+    # realistic: late rows, and subscribers that stay on a tower (so tower sessions form)
+    files = generated(datetime(2033, 1, 1), pairs=8, rows=300, profile="realistic")
+    batches = [files[i::8] for i in range(8)]
     loader = Proc(
         "cdr_loader",
         ["-m", "ingestion.cdr_loader"],
@@ -164,12 +199,14 @@ def test_cdr_loader_and_hvs_consumer_killed_at_random_points(
         _hvs_env(stack, HVS_CONSUMER_NAME="kill-hvs", HVS_BATCH_SIZE="200"),
         tmp_path,
     )
+    builds = BuildsWhileLanding(dbt_project, CDR_SELECT)
     try:
 
         def drop(n: int) -> None:
-            if n < len(batches):
-                for name, content in batches[n]:
-                    (path / name).write_bytes(content)
+            for name, content in batches[n]:
+                (path / name).write_bytes(content)
+            if n in (0, 4):  # a dbt run starts as the batch lands (a full one, then incremental)
+                builds.next()
 
         kill_at_random(rng, [loader, hvs], rounds=8, between=drop)
         expected = {name: content.count(b"\n") - 1 for name, content in files}
@@ -178,14 +215,21 @@ def test_cdr_loader_and_hvs_consumer_killed_at_random_points(
         assert loader.alive() and hvs.alive()
     finally:
         codes = [loader.stop(), hvs.stop()]
+        builds.wait()
     assert landed_counts(stack) == expected, f"WTC_KILL_SEED={SEED}"
     assert query(stack, "select count(*) from cdr_data.files") == [(len(files),)]
     assert _usage_totals(redis_client) == _raw_totals(stack), f"WTC_KILL_SEED={SEED}"
     assert loader.kills + hvs.kills == 8
     assert codes == [0, 0]
+    counts = assert_marts_equal_full_refresh(builds, stack)
+    assert len(counts) == 7 and all(counts.values()), counts  # 5 marts, 2 intermediate models
 
 
-def test_tick_sink_killed_at_random_points(stack, analytics, rng, tmp_path) -> None:
+def test_tick_sink_killed_at_random_points(stack, analytics, dbt_project, rng, tmp_path) -> None:
+    """Ticks are published in six chunks that each span the whole eight hours (so every chunk
+    brings late ticks to bars and hours built before), the sink is SIGKILLed at random points,
+    and dbt runs in the background; after one more incremental build the forex marts equal a
+    full refresh."""
     topic = f"ticks-{uuid.uuid4().hex[:8]}"
     messages = list(
         tick_messages(
@@ -193,18 +237,10 @@ def test_tick_sink_killed_at_random_points(stack, analytics, rng, tmp_path) -> N
         )
     )
     chunks = [messages[i::6] for i in range(6)]
-    env = dict(
-        os.environ,
-        WTC_ANALYTICS_DSN=stack.analytics_dsn,
-        STREAM_URL=stack.stream_url,
-        TICK_SINK_TOPIC=topic,
-        TICK_SINK_GROUP=f"g-{topic}",
-        TICK_SINK_CONSUMER_NAME=f"c-{topic}",
-        TICK_SINK_BATCH_SIZE="50",
-        TICK_SINK_POLL_TIMEOUT="0.2",
-        TICK_SINK_METRICS_PORT="0",
-    )
+    env = tick_sink_env(stack, topic, TICK_SINK_METRICS_PORT="0")
     sink = Proc("tick_sink", ["-m", "ingestion.tick_sink"], env, tmp_path)
+
+    builds = BuildsWhileLanding(dbt_project, FOREX_SELECT)
 
     def ticks() -> int:
         return query(stack, "select count(*) from forex_data.ticks")[0][0]
@@ -213,26 +249,35 @@ def test_tick_sink_killed_at_random_points(stack, analytics, rng, tmp_path) -> N
         with open_producer(stack.stream_url) as producer:
 
             def publish(n: int) -> None:
-                if n < len(chunks):
-                    producer.publish_many(topic, ((k, v, None) for k, v in chunks[n]))
+                producer.publish_many(topic, ((k, v, None) for k, v in chunks[n]))
+                builds.next(wait=False)
 
             kill_at_random(rng, [sink], rounds=6, between=publish)
         wait_for(lambda: ticks() == len(messages), "every tick to land")
         assert sink.alive()
     finally:
         code = sink.stop()
+        builds.wait()
     assert ticks() == len(messages), f"WTC_KILL_SEED={SEED}"
     assert query(stack, "select count(*) from forex_data.rejected_messages") == [(0,)]
     assert code == 0
+    counts = assert_marts_equal_full_refresh(builds, stack)
+    assert all(counts[f"prepared_layers.{m}"] for m in FOREX_MARTS), counts
 
 
-def test_crm_change_capture_killed_at_random_points(crm: Crm, rng, tmp_path) -> None:
+def test_crm_change_capture_killed_at_random_points(
+    stack, crm: Crm, dbt_project, rng, tmp_path
+) -> None:
+    """Inserts and updates in the CRM source while the change capture is SIGKILLed at random
+    points and dbt runs in the background; after one more incremental build the CRM models
+    equal a full refresh."""
     reader = Proc(
         "crm_cdc",
         ["-m", "ingestion.crm_cdc"],
         crm.env(CRM_CDC_BATCH_CHANGES="40", CRM_CDC_METRICS_PORT="0"),
         tmp_path,
     )
+    builds = BuildsWhileLanding(dbt_project, CRM_SELECT)
     try:
 
         def change(n: int) -> None:
@@ -241,12 +286,21 @@ def test_crm_change_capture_killed_at_random_points(crm: Crm, rng, tmp_path) -> 
                 "update crm_system.accounts set email = 'x' || email where account_id %% 7 = %s",
                 (n % 7,),
             )
+            builds.next(wait=False)
 
         kill_at_random(rng, [reader], rounds=6, between=change)
-        wait_for(lambda: crm.slot_confirmed() and crm.pending_changes() == 0, "the capture")
+
+        def captured() -> bool:
+            try:
+                return bool(crm.slot_confirmed()) and crm.pending_changes() == 0
+            except psycopg.errors.ObjectInUse:  # the reader is reading the slot right now
+                return False
+
+        wait_for(captured, "the capture")
         assert reader.alive()
     finally:
         code = reader.stop()
+        builds.wait()
         # a killed reader's walsender lingers until the server notices: let it go first
         wait_for(
             lambda: (
@@ -264,13 +318,19 @@ def test_crm_change_capture_killed_at_random_points(crm: Crm, rng, tmp_path) -> 
         ).fetchone()
         assert total == distinct, (table, f"WTC_KILL_SEED={SEED}")
     assert code == 0
+    counts = assert_marts_equal_full_refresh(builds, stack)
+    assert all(counts[f"intermediate.{m}"] for m in CRM_VERSIONS), counts
 
 
 def test_postgres_and_redis_restarted_during_a_follow_run(
-    stack, cdr_dir, redis_client, rng, tmp_path
+    stack, cdr_dir, redis_client, dbt_project, rng, tmp_path
 ) -> None:
+    """Postgres, Redis, then Postgres again are stopped and started while files land; a dbt run
+    starts with each batch, and Postgres is stopped at a random point of the run under way (it
+    fails, its models keep their last state). After all has landed and one more incremental
+    build: the HVS equals the raw sums, and every mart a full refresh."""
     directory, path = cdr_dir
-    files = generated(datetime(2033, 3, 1), pairs=6, rows=200)
+    files = generated(datetime(2033, 3, 1), pairs=6, rows=200, profile="realistic")
     batches = [files[i::3] for i in range(3)]
     loader = Proc(
         "cdr_loader",
@@ -279,6 +339,12 @@ def test_postgres_and_redis_restarted_during_a_follow_run(
         tmp_path,
     )
     hvs = Proc("hvs", ["-m", "hvs"], _hvs_env(stack, HVS_BATCH_SIZE="100"), tmp_path)
+    builds = BuildsWhileLanding(dbt_project, CDR_SELECT, may_fail=True)
+
+    def dbt_connected() -> bool:
+        sessions = "select count(*) from pg_stat_activity where application_name = 'dbt'"
+        return query(stack, sessions)[0][0] > 0
+
     try:
         for n, (stop, start) in enumerate(
             (
@@ -289,6 +355,9 @@ def test_postgres_and_redis_restarted_during_a_follow_run(
         ):
             for name, content in batches[n]:
                 (path / name).write_bytes(content)
+            builds.next()
+            if stop == stack.stack.stop_postgres:
+                wait_for(lambda: dbt_connected() or not builds.busy(), "the dbt run to connect")
             time.sleep(rng.uniform(0.0, 0.8))  # a random point of the work on those files
             stop()
             try:
@@ -301,8 +370,10 @@ def test_postgres_and_redis_restarted_during_a_follow_run(
         assert loader.alive() and hvs.alive()
     finally:
         codes = [loader.stop(), hvs.stop()]
+        builds.wait()
     assert _usage_totals(redis_client) == _raw_totals(stack), f"WTC_KILL_SEED={SEED}"
     assert codes == [0, 0]
+    assert_marts_equal_full_refresh(builds, stack)
 
 
 def _session_read_bytes(stack) -> dict[int, int]:

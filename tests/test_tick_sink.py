@@ -27,6 +27,7 @@ from ingestion.tick_sink import (
 )
 from ops.stack import free_port
 from tests.fixtures.polling import wait_for
+from tests.fixtures.processes import tick_sink_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -276,22 +277,6 @@ def test_forex_generator_output_lands_and_its_faults_are_rejected(stack, analyti
     assert n == total.landed
 
 
-def _env(stack, topic: str, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        WTC_ANALYTICS_DSN=stack.analytics_dsn,
-        STREAM_URL=stack.stream_url,
-        TICK_SINK_TOPIC=topic,
-        TICK_SINK_GROUP=f"g-{topic}",
-        TICK_SINK_CONSUMER_NAME=f"c-{topic}",
-        TICK_SINK_BATCH_SIZE="50",
-        TICK_SINK_POLL_TIMEOUT="0.2",
-        WTC_LOG_FORMAT="json",
-        **extra,
-    )
-    return env
-
-
 def test_cli_crash_point_then_follow_and_sigterm(stack, analytics) -> None:
     """A real process killed between the database and the stream commit; a follower after it."""
     topic = f"ticks-{uuid.uuid4().hex[:8]}"
@@ -301,7 +286,7 @@ def test_cli_crash_point_then_follow_and_sigterm(stack, analytics) -> None:
 
     crashed = subprocess.run(
         [*cmd, "--once"],
-        env=_env(stack, topic, WTC_CRASH_POINT="tick_sink.after_db_commit"),
+        env=tick_sink_env(stack, topic, WTC_CRASH_POINT="tick_sink.after_db_commit"),
         cwd=ROOT,
         capture_output=True,
         timeout=60,
@@ -312,7 +297,7 @@ def test_cli_crash_point_then_follow_and_sigterm(stack, analytics) -> None:
     port = free_port()
     follower = subprocess.Popen(
         [*cmd, "--metrics-port", str(port)],
-        env=_env(stack, topic),
+        env=tick_sink_env(stack, topic),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
