@@ -197,6 +197,7 @@ class Run:
             "TICK_SINK_METRICS_PORT": "0",
             "CRM_CDC_METRICS_PORT": "0",
             "HVS_METRICS_PORT": str(self.metrics_port),
+            "API_METRICS_PORT": "0",  # its default is the demo's fixed port
             "WTC_LOG_FORMAT": "json",
         }
         self.dbt_env = {**dbt_env(self.s, self.out / f"dbt-{scale.name}"), "WTC_LOG_FORMAT": "json"}
