@@ -1,8 +1,8 @@
 -- One flat ARGV list, no JSON (decoding JSON in Lua cost as much as the increments):
 --   pause key, ttl,
 --   nfiles, then per bitmap: key, nruns, first, last, ... (runs of consecutive offsets),
---   nhashes, then per hash: key, nnew, nincr, then nnew + nincr times field, n,
---   nsets, then per member: set key, member.
+--   nsets, then per member: set key, member,
+--   nhashes, then per hash: key, nnew, nincr, then nnew + nincr times field, n.
 -- A run is checked with one BITCOUNT and set with SETRANGE (whole bytes) and SETBIT (its ends);
 -- single offsets are checked and set with one BITFIELD per bitmap. A hash's first `nnew` fields
 -- are a usage group's event count and the fields always written with it: if HINCRBY of the count
@@ -12,19 +12,25 @@
 -- there is any, nothing was changed. Keys travel in ARGV (one Redis instance, not Redis Cluster).
 -- While the pause key exists (a rebuild from the raw tables is writing, hvs/rebuild.py), nothing
 -- is changed and the status PAUSED is returned: the consumer waits and applies the batch after.
--- A key of another type than the script writes (written there by hand) would stop the script
--- half-way. The few bitmaps and sets are checked with TYPE first; a usage hash (one per
--- subscriber-day, so about one per event) is checked by its first write: the first HINCRBY of
--- every hash runs under pcall before anything else is written, and if any fails, those that
--- succeeded are undone (a field they created is deleted, else decremented) and nothing is
--- changed. {'WRONGTYPE', key, found, wanted, ...} is then returned (the caller moves those keys
--- aside). A TYPE per hash cost a tenth of the whole script.
-local wrong = {}
-local function want(key, wanted)
-  local found = redis.call('TYPE', key)['ok']
-  if found ~= wanted and found ~= 'none' then
+-- A key of another type than the script writes (written there by hand) must not stop the script
+-- half-way. The few bitmaps and sets are checked with TYPE before anything is written. The usage
+-- hashes (one per subscriber-day, so about one per event) are checked by their writes: every
+-- HINCRBY runs under pcall, the hashes are written before the bitmaps and sets, and each hash is
+-- touched once, whole (a TYPE per hash, or a first pass over them all, cost a tenth to a fifth
+-- of the script). If a write fails, what the hashes were given until then is taken back (a field
+-- they created is deleted, else decremented, newest first), the rest of the batch is only read to
+-- find any other wrong key, and {'WRONGTYPE', key, found, wanted, ...} is returned: nothing was
+-- changed, and the caller moves those keys aside.
+local wrong, reported = {}, {}
+local function report(key, found, wanted)
+  if not reported[key] then
+    reported[key] = true
     wrong[#wrong + 1] = key; wrong[#wrong + 1] = found; wrong[#wrong + 1] = wanted
   end
+end
+local function want(key, wanted)
+  local found = redis.call('TYPE', key)['ok']
+  if found ~= wanted and found ~= 'none' then report(key, found, wanted) end
   return found
 end
 if want(ARGV[1], 'hash') == 'hash' then return redis.status_reply('PAUSED') end
@@ -32,28 +38,6 @@ local ttl = ARGV[2]
 local nfiles = tonumber(ARGV[3])
 local dups, files = {}, {}
 local i = 4
-local hashes_at  -- where the hashes start in ARGV
-do  -- the bitmaps' and sets' types: walks ARGV as the script does below, changes nothing
-  local j = 4
-  for _ = 1, nfiles do
-    want(ARGV[j], 'string')
-    j = j + 2 + 2 * tonumber(ARGV[j + 1])
-  end
-  hashes_at = j
-  local n = tonumber(ARGV[j])
-  j = j + 1
-  for _ = 1, n do
-    j = j + 3 + 2 * (tonumber(ARGV[j + 1]) + tonumber(ARGV[j + 2]))
-  end
-  local checked = {}
-  n = tonumber(ARGV[j])
-  j = j + 1
-  for _ = 1, n do
-    if not checked[ARGV[j]] then checked[ARGV[j]] = true; want(ARGV[j], 'set') end
-    j = j + 2
-  end
-end
-if #wrong > 0 then table.insert(wrong, 1, 'WRONGTYPE'); return wrong end
 local function getbits(key, f, offs)
   local n = #offs
   for s = 1, n, 1000 do
@@ -69,6 +53,8 @@ local function getbits(key, f, offs)
 end
 for f = 1, nfiles do
   local key, nruns = ARGV[i], tonumber(ARGV[i + 1])
+  want(key, 'string')
+  local readable = not reported[key]  -- BITCOUNT and BITFIELD fail on another type
   local singles, runs = {}, {}
   i = i + 2
   for _ = 1, nruns do
@@ -78,57 +64,105 @@ for f = 1, nfiles do
       singles[#singles + 1] = a
     else
       runs[#runs + 1] = a; runs[#runs + 1] = b
-      if redis.call('BITCOUNT', key, a, b, 'BIT') > 0 then
+      if readable and redis.call('BITCOUNT', key, a, b, 'BIT') > 0 then
         local offs = {}
         for o = a, b do offs[#offs + 1] = o end
         getbits(key, f, offs)
       end
     end
   end
-  getbits(key, f, singles)
+  if readable then getbits(key, f, singles) end
   files[f] = {key, singles, runs}
 end
+local nsets = tonumber(ARGV[i])
+local sets_at = i + 1
+i = sets_at + 2 * nsets
+for j = sets_at, i - 1, 2 do
+  if not reported[ARGV[j]] then want(ARGV[j], 'set') end
+end
+if #wrong > 0 then table.insert(wrong, 1, 'WRONGTYPE'); return wrong end
 if #dups > 0 then return dups end
--- the first HINCRBY of every hash, under pcall; `firsts[h]` is its reply
+-- the hashes, each whole before the next; `firsts[h]`: the reply of its first HINCRBY
+local nhashes = tonumber(ARGV[i])
+local hashes_at = i + 1
 local firsts = {}
-do
-  local j = hashes_at + 1
-  local failed = false
-  for h = 1, tonumber(ARGV[hashes_at]) do
-    local key, nnew, nincr = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
-    if nnew + nincr > 0 then
-      local got = redis.pcall('HINCRBY', key, ARGV[j + 3], ARGV[j + 4])
-      if type(got) == 'table' then  -- an error reply: nothing was written
-        failed, got = true, false
-        local found, wanted = redis.call('TYPE', key)['ok'], 'hash'
-        if found == 'hash' then  -- the field holds something else than an integer
-          found, wanted = 'hash with a field that is not an integer', 'hash of integers'
-        end
-        wrong[#wrong + 1] = key; wrong[#wrong + 1] = found; wrong[#wrong + 1] = wanted
+local failed_h, failed_at, failed_key  -- the hash whose write failed, the ARGV index of its field
+i = hashes_at
+for h = 1, nhashes do
+  local key, nnew, nincr = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
+  if nnew + nincr > 0 then
+    local first = redis.pcall('HINCRBY', key, ARGV[i], ARGV[i + 1])
+    if type(first) == 'table' then failed_h, failed_at, failed_key = h, i, key; break end
+    firsts[h] = first
+    if nnew > 1 and first == tonumber(ARGV[i + 1]) then
+      redis.call('HSET', key, unpack(ARGV, i + 2, i + 2 * nnew - 1))
+      i = i + 2 * nnew
+    else
+      i = i + 2
+      nincr = nincr + nnew - 1
+    end
+    for _ = 1, nincr do
+      if type(redis.pcall('HINCRBY', key, ARGV[i], ARGV[i + 1])) == 'table' then
+        failed_h, failed_at, failed_key = h, i, key
+        break
       end
-      firsts[h] = got
+      i = i + 2
+    end
+    if failed_h then break end
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+if failed_h then
+  local function not_integer(key, field)
+    local found = redis.call('TYPE', key)['ok']
+    if found == 'none' then return false end
+    if found ~= 'hash' then report(key, found, 'hash'); return true end
+    local v = redis.call('HGET', key, field)
+    if v and not string.match(v, '^-?%d+$') then
+      report(key, 'hash with a field that is not an integer', 'hash of integers')
+      return true
+    end
+  end
+  -- what was written before `failed_at`: {key index, field index, created by HSET}, in order
+  local undo = {}
+  local j, failed_j = hashes_at, nil
+  for h = 1, failed_h do
+    failed_j = j
+    local nnew, nincr = tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+    local hset = nnew > 1 and firsts[h] == tonumber(ARGV[j + 4])
+    for f = 1, nnew + nincr do
+      local k = j + 1 + 2 * f
+      if k >= failed_at then break end
+      undo[#undo + 1] = {j, k, hset and f > 1 and f <= nnew}
     end
     j = j + 3 + 2 * (nnew + nincr)
   end
-  if failed then
-    j = hashes_at + 1
-    local undo = {}
-    for h = 1, tonumber(ARGV[hashes_at]) do
-      if firsts[h] then undo[#undo + 1] = j end
-      j = j + 3 + 2 * (tonumber(ARGV[j + 1]) + tonumber(ARGV[j + 2]))
+  for u = #undo, 1, -1 do
+    local key, field, n = ARGV[undo[u][1]], ARGV[undo[u][2]], ARGV[undo[u][2] + 1]
+    if undo[u][3] or tonumber(redis.call('HGET', key, field)) == tonumber(n) then
+      redis.call('HDEL', key, field)
+    else
+      redis.call('HINCRBY', key, field, -tonumber(n))
     end
-    for u = #undo, 1, -1 do  -- newest first: a field written twice is decremented, then deleted
-      local k = undo[u]
-      local key, field, n = ARGV[k], ARGV[k + 3], ARGV[k + 4]
-      if tonumber(redis.call('HGET', key, field)) == tonumber(n) then
-        redis.call('HDEL', key, field)
-      else
-        redis.call('HINCRBY', key, field, -tonumber(n))
-      end
-    end
-    table.insert(wrong, 1, 'WRONGTYPE')
-    return wrong
   end
+  -- the failed write, then the rest of the batch, read only
+  if not not_integer(failed_key, ARGV[failed_at]) then  -- e.g. the sum would overflow
+    report(failed_key, 'hash with a field HINCRBY refused', 'hash of integers')
+  end
+  local k = failed_at + 2
+  j = failed_j
+  for h = failed_h, nhashes do
+    local key, nfields = ARGV[j], tonumber(ARGV[j + 1]) + tonumber(ARGV[j + 2])
+    if h > failed_h then k = j + 3 end
+    while k < j + 3 + 2 * nfields do
+      if reported[key] or not_integer(key, ARGV[k]) then break end
+      k = k + 2
+    end
+    j = j + 3 + 2 * nfields
+  end
+  table.insert(wrong, 1, 'WRONGTYPE')
+  return wrong
 end
 for _, file in ipairs(files) do
   local key, singles, runs = file[1], file[2], file[3]
@@ -154,35 +188,8 @@ for _, file in ipairs(files) do
   end
   redis.call('EXPIRE', key, ttl)
 end
-local nhashes = tonumber(ARGV[i])
-i = i + 1
-for h = 1, nhashes do
-  local key, nnew, nincr = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  i = i + 3
-  if nnew > 0 then  -- the first field was written above
-    if firsts[h] == tonumber(ARGV[i + 1]) and nnew > 1 then
-      redis.call('HSET', key, unpack(ARGV, i + 2, i + 2 * nnew - 1))
-    else
-      for j = i + 2, i + 2 * nnew - 1, 2 do
-        redis.call('HINCRBY', key, ARGV[j], ARGV[j + 1])
-      end
-    end
-    i = i + 2 * nnew
-  elseif nincr > 0 then
-    i = i + 2
-    nincr = nincr - 1
-  end
-  for _ = 1, nincr do
-    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
-    i = i + 2
-  end
-  if firsts[h] then redis.call('EXPIRE', key, ttl) end
-end
-local nsets = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, nsets do
-  redis.call('SADD', ARGV[i], ARGV[i + 1])
-  redis.call('EXPIRE', ARGV[i], ttl)
-  i = i + 2
+for j = sets_at, sets_at + 2 * nsets - 1, 2 do
+  redis.call('SADD', ARGV[j], ARGV[j + 1])
+  redis.call('EXPIRE', ARGV[j], ttl)
 end
 return dups

@@ -231,11 +231,11 @@ class Hvs:
         for key, offsets in bits.items():
             runs = _runs(sorted(offsets))
             args += (key, len(runs) // 2, *runs)
-        args.append(hashes)
-        args += incr
         args.append(len(sadd))
         for member in sadd:
             args += member
+        args.append(hashes)
+        args += incr
         got = self._call_script(args)
         while got and got[0] in (b"WRONGTYPE", "WRONGTYPE"):  # nothing was changed
             for j in range(1, len(got), 3):

@@ -444,10 +444,9 @@ def test_a_key_of_the_wrong_type_late_in_a_batch_changes_nothing(stack, hvs_env,
     before = {key: redis_client.dump(key) for key in (kept, string, garbled)}
 
     def script(*hashes: list) -> list:
-        args: list = [K.PAUSE_KEY, 86400, 1, bits, 1, 2, 4, len(hashes)]
+        args: list = [K.PAUSE_KEY, 86400, 1, bits, 1, 2, 4, 0, len(hashes)]
         for h in hashes:
             args += h
-        args.append(0)
         return hvs._call_script(args)
 
     got = script(
@@ -486,6 +485,49 @@ def test_a_key_of_the_wrong_type_late_in_a_batch_changes_nothing(stack, hvs_env,
         1,
         0,
     ]
+
+
+def test_a_wrong_field_after_a_hashs_first_write_or_a_wrong_bitmap_changes_nothing(
+    stack, hvs_env, redis_client
+):
+    """Every HINCRBY of the apply script runs under pcall: a field that is not an integer after a
+    hash's first write (which succeeded) takes back that write and the hashes before it. A bitmap
+    or set of another type is found by TYPE before anything is written."""
+    hvs = Hvs(hvs_env)
+    bits, pending, kept, new = (
+        K.seen_key("f.csv"),
+        K.PENDING_INDEX,
+        K.usage_key("2700000000011", "20240101"),
+        K.usage_key("2700000000012", "20240101"),
+    )
+    redis_client.hset(kept, mapping={"a": 10, "b": "x"})
+    before = redis_client.dump(kept)
+
+    def script(sets: list, *hashes: list) -> list:
+        args: list = [K.PAUSE_KEY, 86400, 1, bits, 1, 0, 3, len(sets) // 2, *sets, len(hashes)]
+        for h in hashes:
+            args += h
+        return [x.decode() for x in hvs._call_script(args)]
+
+    batch = ([new, 2, 0, "a", 3, "b", 4], [kept, 0, 2, "a", 5, "b", 1])
+    got = script([pending, "2024010100"], *batch)
+    assert got == [
+        "WRONGTYPE",
+        kept,
+        "hash with a field that is not an integer",
+        "hash of integers",
+    ]
+    assert redis_client.dump(kept) == before
+    assert not redis_client.exists(new) and not redis_client.exists(bits, pending)
+
+    redis_client.hset(kept, "b", 1)
+    redis_client.hset(bits, "a", 1)
+    redis_client.set(pending, "x")
+    wrong = {bits: redis_client.dump(bits), pending: redis_client.dump(pending)}
+    got = script([pending, "2024010100"], *batch)
+    assert got == ["WRONGTYPE", bits, "hash", "string", pending, "string", "set"]
+    assert {key: redis_client.dump(key) for key in wrong} == wrong
+    assert redis_client.hgetall(kept) == {b"a": b"10", b"b": b"1"} and not redis_client.exists(new)
 
 
 def test_a_batch_with_thousands_of_fields_in_one_hash_applies_whole(stack, hvs_env, redis_client):
