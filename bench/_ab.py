@@ -1,4 +1,4 @@
-"""A/B runs of a benchmark against another checkout of the project in the same run (A B A B ...):
+"""A/B runs of a benchmark against another checkout of the project in the same run (A B, B A, ...):
 the checkouts from `--this` and `--vs`, the rounds taking them in turn, the ratios pair by pair,
 and the run's end (the load average printed, the throwaway Redis stopped)."""
 
@@ -35,11 +35,12 @@ def checkouts(args: argparse.Namespace) -> dict[str, Path]:
 def alternate(
     trees: dict[str, Path], rounds: int, run_one: Callable[[int, str, Path], R]
 ) -> dict[str, list[R]]:
-    """`rounds` rounds, each running every checkout once in turn (A B A B ...): what
-    `run_one(round, name, tree)` returns, by checkout, in round order."""
+    """`rounds` rounds, each running every checkout once, in turns that reverse every round
+    (A B, B A, A B, ...: a machine that slows down or warms up over the run favours neither):
+    what `run_one(round, name, tree)` returns, by checkout, in round order."""
     runs: dict[str, list[R]] = {name: [] for name in trees}
     for i in range(rounds):
-        for name, tree in trees.items():
+        for name, tree in list(trees.items())[:: -1 if i % 2 else 1]:
             runs[name].append(run_one(i, name, tree))
     return runs
 

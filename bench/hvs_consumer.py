@@ -1,5 +1,5 @@
 """Benchmark of the HVS consumer alone, optionally against another checkout of the project in
-the same run (A B A B ...): events/s and Redis bytes per subscriber-day. Never fails on a timing.
+the same run (A B, B A, ...): events/s and Redis bytes per subscriber-day. Never fails on a timing.
 
     python -m bench.hvs_consumer                        # this checkout, 3 rounds
     python -m bench.hvs_consumer --vs /path/to/other    # and another checkout, alternately
@@ -116,8 +116,10 @@ def run_once(tree: Path, stream_url: str, redis_url: str, group: str) -> dict:
     server.config_resetstat()
     cpu0 = server.info("cpu")
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # checkouts from before the `hvs` package ran the consumer as `api.hvs`
+    module = "hvs" if (tree / "hvs" / "__main__.py").exists() else "api.hvs"
     done = subprocess.run(
-        [sys.executable, "-m", "hvs", "--drain"],
+        [sys.executable, "-m", module, "--drain"],
         cwd=tree,  # `-m` puts the checkout first on sys.path
         env=env,
         capture_output=True,

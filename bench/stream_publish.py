@@ -1,6 +1,6 @@
 """Benchmark of publishing to Redis Streams as the CDR loader does (`publish_many` of a file's
 rows: key msisdn, the loader's JSON value), optionally against another checkout in the same run
-(A B A B ...). Prints rows/s and the ratio pair by pair; never fails on a timing.
+(A B, B A, ...). Prints rows/s and the ratio pair by pair; never fails on a timing.
 
     python -m bench.stream_publish                      # this checkout
     python -m bench.stream_publish --vs /path/to/other  # and another, alternately
