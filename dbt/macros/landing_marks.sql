@@ -35,6 +35,8 @@
         invocation_id text not null,
         recorded_at timestamptz not null default now()
     );
+    alter table {{ target.schema }}.dbt_landing_horizons
+        add column if not exists changed_after timestamptz;
 {% endmacro %}
 
 
@@ -63,7 +65,8 @@
                 activity.datname = current_database()
                 and activity.pid <> pg_backend_pid()
                 and activity.backend_type = 'client backend'
-        ), true)
+        ), true);
+        {{ changed_rows_measure() }}
     {%- endif -%}
 {% endmacro %}
 
@@ -72,17 +75,21 @@
     with the model's rows (a failed build stores nothing and keeps the previous one). -#}
 {% macro landing_horizon_store() %}
     {%- if model.config.materialized == 'incremental' -%}
-        insert into {{ target.schema }}.dbt_landing_horizons (model, horizon, invocation_id)
+        insert into {{ target.schema }}.dbt_landing_horizons (
+            model, horizon, invocation_id, changed_after
+        )
         values (
             '{{ this.schema }}.{{ this.identifier }}',
             current_setting('wtc.landing_horizon')::timestamptz,
-            '{{ invocation_id }}'
+            '{{ invocation_id }}',
+            nullif(current_setting('wtc.changed_after', true), '')::timestamptz
         )
         on conflict (model) do update
         set
             horizon = excluded.horizon,
             invocation_id = excluded.invocation_id,
-            recorded_at = excluded.recorded_at
+            recorded_at = excluded.recorded_at,
+            changed_after = excluded.changed_after
     {%- endif -%}
 {% endmacro %}
 

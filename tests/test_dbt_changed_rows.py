@@ -1,0 +1,111 @@
+"""Data tests that read what the build changed (dbt/macros/changed_rows.sql), on real Postgres.
+
+A first build tests every row; a build with nothing new tests no row of the incremental marts;
+an hour's build tests the rows that hold the hour's raw rows and no other. A bad row among those
+fails the build's own test query; a bad older row is left to `dbt test`, which reads everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ingestion.generators.cdr import CdrConfig, cdr_files
+from tests.fixtures.dbt import DbtProject, land_cdr_files, truncate_cdr
+from tests.test_dbt_cdr import SELECT
+
+CONFIG = CdrConfig(
+    profile="realistic",
+    seed=17,
+    subscribers=300,
+    start=datetime(2024, 1, 1, 0, 0, 0),
+    duration=timedelta(hours=2),
+    rows_per_file=60,
+    window_seconds=300,
+)
+MART = "prepared_layers.cdr_usage_15min"
+TEST = "in_range_cdr_usage_15min_events__1"  # events >= 1, row by row
+
+
+def compiled_test(project: DbtProject, name: str) -> str:
+    """The SQL the last invocation ran for the data test `name`."""
+    (path,) = (project.work_dir / "target" / "run").rglob(f"{name}.sql")
+    return Path(path).read_text()
+
+
+def rows_read(conn: psycopg.Connection, test_sql: str) -> int:
+    """How many mart rows the test's filtered model holds (its `dbt_subquery`, else the mart)."""
+    start = test_sql.find("(select * from")
+    if start < 0:
+        return conn.execute(f"select count(*) from {MART}").fetchone()[0]
+    end = test_sql.index(") dbt_subquery", start)
+    return conn.execute(f"select count(*) from {test_sql[start : end + 1]} as s").fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def builds(stack, dbt_project: DbtProject) -> Iterator[dict[str, object]]:
+    files = list(cdr_files(CONFIG))
+    out: dict[str, object] = {}
+    with psycopg.connect(stack.analytics_dsn, autocommit=True) as conn:
+        truncate_cdr(conn)
+        land_cdr_files(conn, files[:12])  # the first hour
+        dbt_project.run("build", "--full-refresh", *SELECT)
+        out["first"] = rows_read(conn, compiled_test(dbt_project, TEST))
+        out["all_first"] = conn.execute(f"select count(*) from {MART}").fetchone()[0]
+        out["mark_first"] = conn.execute(f"select max(max_loaded_at) from {MART}").fetchone()[0]
+
+        dbt_project.run("build", *SELECT)
+        out["noop"] = rows_read(conn, compiled_test(dbt_project, TEST))
+
+        land_cdr_files(conn, files[12:])  # the second hour
+        dbt_project.run("build", *SELECT)
+        hour_sql = compiled_test(dbt_project, TEST)
+        out["hour"] = rows_read(conn, hour_sql)
+        # the mart rows that hold a raw row of the second landing
+        out["hour_groups"] = conn.execute(
+            "select count(*) from (select distinct date_bin('15 minutes', event_ts,"
+            " timestamp '2000-01-01'), msisdn, category, usage_type"
+            " from intermediate.int_cdr__events where loaded_at > %s) as g",
+            (out["mark_first"],),
+        ).fetchone()[0]
+        out["all_hour"] = conn.execute(f"select count(*) from {MART}").fetchone()[0]
+
+        # one bad row among those the hour's build wrote, one among the first build's
+        new, old = (
+            conn.execute(
+                f"select ctid from {MART} where max_loaded_at {op} %s limit 1",
+                (out["mark_first"],),
+            ).fetchone()[0]
+            for op in (">", "<=")
+        )
+        conn.execute(f"update {MART} set events = 0 where ctid in (%s, %s)", (new, old))
+        out["hour_test_fails"] = conn.execute(f"select count(*) from ({hour_sql}) as t").fetchone()[
+            0
+        ]
+        failed = dbt_project.run("test", "--select", "cdr_usage_15min", check=False)
+        out["dbt_test"] = failed.returncode, failed.stdout
+        out["dbt_test_sql"] = compiled_test(dbt_project, TEST)
+    yield out
+
+
+def test_a_first_build_tests_every_row(builds):
+    assert builds["first"] == builds["all_first"] > 0
+
+
+def test_a_build_with_nothing_new_tests_no_row(builds):
+    assert builds["noop"] == 0
+
+
+def test_an_hours_build_tests_the_rows_that_hold_the_hours_rows(builds):
+    assert 0 < builds["hour"] == builds["hour_groups"] < builds["all_hour"]
+
+
+def test_a_bad_row_the_build_wrote_fails_its_test_and_dbt_test_reads_all(builds):
+    assert builds["hour_test_fails"] == 1  # the new bad row; the old one is not read
+    code, out = builds["dbt_test"]
+    assert code != 0 and "Got 2 results" in out, out[-2000:]
+    assert "max_loaded_at >" not in builds["dbt_test_sql"]
