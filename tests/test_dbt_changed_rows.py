@@ -29,11 +29,13 @@ CONFIG = CdrConfig(
 )
 MART = "prepared_layers.cdr_usage_15min"
 TEST = "in_range_cdr_usage_15min_events__1"  # events >= 1, row by row
+RECONCILE = "reconciles_with_raw_cdr_usage_15min_*"  # the mart's totals against the raw rows'
 
 
 def compiled_test(project: DbtProject, name: str) -> str:
-    """The SQL the last invocation ran for the data test `name`."""
-    (path,) = (project.work_dir / "target" / "run").rglob(f"{name}.sql")
+    """The SQL the last invocation compiled for the data test `name` (a glob pattern): the
+    failing rows' query."""
+    (path,) = (project.work_dir / "target" / "compiled").rglob(f"{name}.sql")
     return Path(path).read_text()
 
 
@@ -55,15 +57,22 @@ def builds(stack, dbt_project: DbtProject) -> Iterator[dict[str, object]]:
         land_cdr_files(conn, files[:12])  # the first hour
         dbt_project.run("build", "--full-refresh", *SELECT)
         out["first"] = rows_read(conn, compiled_test(dbt_project, TEST))
+        out["first_reconcile"] = compiled_test(dbt_project, RECONCILE)
         out["all_first"] = conn.execute(f"select count(*) from {MART}").fetchone()[0]
         out["mark_first"] = conn.execute(f"select max(max_loaded_at) from {MART}").fetchone()[0]
 
         dbt_project.run("build", *SELECT)
         out["noop"] = rows_read(conn, compiled_test(dbt_project, TEST))
+        noop_reconcile = compiled_test(dbt_project, RECONCILE)
+        out["noop_windows"] = conn.execute(
+            noop_reconcile[: noop_reconcile.index("mart as (")].rstrip().rstrip(",")
+            + " select count(*) from windows"
+        ).fetchone()[0]
 
         land_cdr_files(conn, files[12:])  # the second hour
         dbt_project.run("build", *SELECT)
         hour_sql = compiled_test(dbt_project, TEST)
+        hour_reconcile = compiled_test(dbt_project, RECONCILE)
         out["hour"] = rows_read(conn, hour_sql)
         # the mart rows that hold a raw row of the second landing
         out["hour_groups"] = conn.execute(
@@ -75,16 +84,20 @@ def builds(stack, dbt_project: DbtProject) -> Iterator[dict[str, object]]:
         out["all_hour"] = conn.execute(f"select count(*) from {MART}").fetchone()[0]
 
         # one bad row among those the hour's build wrote, one among the first build's
-        new, old = (
+        (new, new_category), (old, _) = (
             conn.execute(
-                f"select ctid from {MART} where max_loaded_at {op} %s limit 1",
+                f"select ctid, category from {MART} where max_loaded_at {op} %s limit 1",
                 (out["mark_first"],),
-            ).fetchone()[0]
+            ).fetchone()
             for op in (">", "<=")
         )
         conn.execute(f"update {MART} set events = 0 where ctid in (%s, %s)", (new, old))
         out["hour_test_fails"] = conn.execute(f"select count(*) from ({hour_sql}) as t").fetchone()[
             0
+        ]
+        out["new_category"] = new_category
+        out["hour_reconcile_fails"] = [
+            row[0] for row in conn.execute(f"select category from ({hour_reconcile}) as t")
         ]
         failed = dbt_project.run("test", "--select", "cdr_usage_15min", check=False)
         out["dbt_test"] = failed.returncode, failed.stdout
@@ -94,10 +107,12 @@ def builds(stack, dbt_project: DbtProject) -> Iterator[dict[str, object]]:
 
 def test_a_first_build_tests_every_row(builds):
     assert builds["first"] == builds["all_first"] > 0
+    assert "windows as (" not in builds["first_reconcile"]  # every window
 
 
 def test_a_build_with_nothing_new_tests_no_row(builds):
     assert builds["noop"] == 0
+    assert builds["noop_windows"] == 0  # no window reconciled
 
 
 def test_an_hours_build_tests_the_rows_that_hold_the_hours_rows(builds):
@@ -106,6 +121,8 @@ def test_an_hours_build_tests_the_rows_that_hold_the_hours_rows(builds):
 
 def test_a_bad_row_the_build_wrote_fails_its_test_and_dbt_test_reads_all(builds):
     assert builds["hour_test_fails"] == 1  # the new bad row; the old one is not read
+    assert builds["hour_reconcile_fails"] == [builds["new_category"]]
     code, out = builds["dbt_test"]
     assert code != 0 and "Got 2 results" in out, out[-2000:]
+    assert "Failure in test reconciles_with_raw_cdr_usage_15min" in out, out[-2000:]
     assert "max_loaded_at >" not in builds["dbt_test_sql"]

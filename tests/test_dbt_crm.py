@@ -49,7 +49,12 @@ TABLES = {
 HISTORY = [f"crm_{t}_history" for t in TABLES]
 CURRENT = [f"crm_{t}" for t in TABLES]
 SELECT = ["--select", "+crm_balance_hourly", *CURRENT, "--indirect-selection", "cautious"]
-BOOKKEEPING = ("cdr_loaded_through", "crm_landed_through", "rates_landed_through")
+BOOKKEEPING = (
+    "cdr_loaded_through",
+    "crm_landed_through",
+    "rates_landed_through",
+    "computed_at",
+)
 BALANCE_COLUMNS = (
     "account_id, hour_start, owner_name, email, phone_number, street_address, city, state, "
     "postal_code, country, device_id, device_name, device_type, device_os, device_count, "

@@ -304,4 +304,8 @@ final as (
     {% endif %}
 )
 
-select * from final
+-- computed_at: when this build wrote the row (the rows a build changed, for its data tests)
+select
+    final.*,
+    now() as computed_at
+from final
