@@ -60,9 +60,28 @@ def builds(stack, dbt_project: DbtProject) -> Iterator[dict[str, object]]:
         out["first_reconcile"] = compiled_test(dbt_project, RECONCILE)
         out["all_first"] = conn.execute(f"select count(*) from {MART}").fetchone()[0]
         out["mark_first"] = conn.execute(f"select max(max_loaded_at) from {MART}").fetchone()[0]
+        # column statistics (ANALYZE after a whole build): the plans that follow use the index
+        out["without_stats"] = [
+            table
+            for (table,) in conn.execute(
+                "select t.schemaname || '.' || t.tablename from pg_tables as t"
+                " where t.tablename in ('cdr_usage_15min', 'int_cdr__interactions',"
+                " 'int_cdr__tower_runs', 'tower_sessions')"
+                " and not exists (select from pg_stats as s where s.schemaname = t.schemaname"
+                " and s.tablename = t.tablename)"
+            )
+        ]
 
         dbt_project.run("build", *SELECT)
         out["noop"] = rows_read(conn, compiled_test(dbt_project, TEST))
+        out["noop_others"] = {
+            name: compiled_test(dbt_project, name)
+            for name in (
+                "not_null_int_cdr__interactions_tower_id",
+                "not_null_int_cdr__tower_runs_tower_id",
+                "in_range_tower_sessions_interactions__3",
+            )
+        }
         noop_reconcile = compiled_test(dbt_project, RECONCILE)
         out["noop_windows"] = conn.execute(
             noop_reconcile[: noop_reconcile.index("mart as (")].rstrip().rstrip(",")
@@ -107,11 +126,14 @@ def builds(stack, dbt_project: DbtProject) -> Iterator[dict[str, object]]:
 
 def test_a_first_build_tests_every_row(builds):
     assert builds["first"] == builds["all_first"] > 0
+    assert builds["without_stats"] == []
     assert "windows as (" not in builds["first_reconcile"]  # every window
 
 
 def test_a_build_with_nothing_new_tests_no_row(builds):
     assert builds["noop"] == 0
+    for name, sql in builds["noop_others"].items():
+        assert "dbt_subquery" in sql, (name, sql)
     assert builds["noop_windows"] == 0  # no window reconciled
 
 

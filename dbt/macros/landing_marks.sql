@@ -66,6 +66,7 @@
                 and activity.pid <> pg_backend_pid()
                 and activity.backend_type = 'client backend'
         ), true);
+        select set_config('wtc.whole_build', '{{ "off" if is_incremental() else "on" }}', true);
         {{ changed_rows_measure() }}
     {%- endif -%}
 {% endmacro %}
@@ -89,7 +90,17 @@
             horizon = excluded.horizon,
             invocation_id = excluded.invocation_id,
             recorded_at = excluded.recorded_at,
-            changed_after = excluded.changed_after
+            changed_after = excluded.changed_after;
+        {#- after a first build or a full refresh the table has no statistics until autovacuum
+            comes by (a minute or more): a plan made meanwhile (the next build's, its data tests')
+            takes a third of the rows for any range and scans the whole table -#}
+        do $$
+        begin
+            if current_setting('wtc.whole_build', true) = 'on' then
+                analyze {{ this }};
+            end if;
+        end
+        $$
     {%- endif -%}
 {% endmacro %}
 
