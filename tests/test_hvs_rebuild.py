@@ -4,11 +4,14 @@ sees the same events later, or runs while the rebuild writes), and the pause it 
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from datetime import date, datetime
 from decimal import Decimal
+from typing import TypeVar
 
 import orjson
 import psycopg
@@ -19,6 +22,7 @@ from common.settings import PROJECT_ROOT
 from hvs import keys as K
 from hvs.rebuild import RebuildError, rebuild
 from hvs.runner import run
+from hvs.settings import HvsSettings
 from hvs.store import Built, Hvs, Paused
 from ingestion.generators.forex import ForexConfig, publish_ticks, tick_messages
 from ingestion.stream import open_consumer
@@ -45,6 +49,9 @@ VOICE_COLUMNS = (
     "source_file", "line_no", "msisdn", "tower_id", "call_type", "dest_nr", "call_duration_sec",
     "start_time",
 )  # fmt: skip
+
+
+T = TypeVar("T")
 
 
 def land_rows(conn: psycopg.Connection, events: dict[str, list[dict]]) -> None:
@@ -98,6 +105,37 @@ def land_ticks(conn: psycopg.Connection, cfg: ForexConfig) -> None:
 
 def split(events: dict[str, list[dict]], files: set[str]) -> dict[str, list[dict]]:
     return {t: [e for e in evs if e["source_file"] in files] for t, evs in events.items()}
+
+
+@contextlib.contextmanager
+def following_consumer(settings: HvsSettings) -> Iterator[threading.Thread]:
+    """The HVS consumer following the stream in a thread (as `python -m hvs` does), stopped and
+    joined on the way out."""
+    stop = threading.Event()
+    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
+    consumer.start()
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        consumer.join(60)
+
+
+def before_the_pause(monkeypatch: pytest.MonkeyPatch, action: Callable[[], T]) -> list[T]:
+    """`action` run once, after the rebuild's snapshot and right before it takes its pause (the
+    window of its races with the consumer); the returned list gets its result."""
+    import hvs.rebuild as rb
+
+    real_pause = rb._pause
+    done: list[T] = []
+
+    def hook(r: redis.Redis) -> str:
+        if not done:
+            done.append(action())
+        return real_pause(r)
+
+    monkeypatch.setattr(rb, "_pause", hook)
+    return done
 
 
 def test_flushed_hvs_rebuilt_equals_raw_sums_twice_and_the_consumer_adds_nothing(
@@ -209,9 +247,6 @@ def test_rebuild_while_the_consumer_follows_and_files_land(stack, analytics, red
     settings = settings_for(stack, analytics_dsn=stack.analytics_dsn, consumer_name="live")
     events = make_events(n_files=8, rows=150, seed=21, start=datetime(2024, 1, 1))
     names = sorted({e["source_file"] for evs in events.values() for e in evs})
-    stop = threading.Event()
-    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
-    consumer.start()
     rebuilds: list[list] = []
     failed: list[BaseException] = []
     landing_done = threading.Event()
@@ -229,9 +264,9 @@ def test_rebuild_while_the_consumer_follows_and_files_land(stack, analytics, red
             raise AssertionError("a rebuild failed") from failed[0]
         return len(rebuilds) >= 2
 
-    rebuilder = threading.Thread(target=rebuild_loop, daemon=True)
-    rebuilder.start()
-    try:
+    with following_consumer(settings) as consumer:
+        rebuilder = threading.Thread(target=rebuild_loop, daemon=True)
+        rebuilder.start()
         try:
             for name in names:  # land, then publish: the loader's order
                 part = split(events, {name})
@@ -250,9 +285,6 @@ def test_rebuild_while_the_consumer_follows_and_files_land(stack, analytics, red
             wait_for(lambda: probe.lag() == 0, "the consumer to catch up", 60)
         finally:
             probe.close()
-    finally:
-        stop.set()
-        consumer.join(60)
     assert not consumer.is_alive()
     assert stored_usage(redis_client) == expected_usage(events, None)
     assert redis_client.exists(K.PAUSE_KEY) == 0
@@ -272,33 +304,21 @@ def test_a_file_applied_between_the_snapshot_and_the_pause_is_counted(
     """The narrow race made certain: after the rebuild's snapshot a file lands and the following
     consumer applies it before the pause; the rebuild must read it under the pause (or it would
     wipe its usage while its bits stay set)."""
-    import hvs.rebuild as rb
-
     settings = settings_for(stack, analytics_dsn=stack.analytics_dsn, consumer_name="live")
     events = make_events(n_files=2, rows=100, seed=3, start=datetime(2024, 1, 1))
     early, late = split(events, {"cdr_data_0000.csv"}), split(events, {"cdr_voice_0001.csv"})
     land_events(analytics, early)
-    stop = threading.Event()
-    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
-    consumer.start()
-    real_pause = rb._pause
-    landed_late = []
 
-    def land_then_pause(r: redis.Redis) -> str:
-        if not landed_late:
-            land_events(analytics, late)
-            publish(stack.stream_url, "cdr-voice", late["cdr-voice"])
-            key = K.seen_key("cdr_voice_0001.csv")
-            wait_for(lambda: redis_client.bitcount(key) >= 100, "the consumer applied the file")
-            landed_late.append(redis_client.bitcount(key))
-        return real_pause(r)
+    def land_late() -> int:
+        land_events(analytics, late)
+        publish(stack.stream_url, "cdr-voice", late["cdr-voice"])
+        key = K.seen_key("cdr_voice_0001.csv")
+        wait_for(lambda: redis_client.bitcount(key) >= 100, "the consumer applied the file")
+        return redis_client.bitcount(key)
 
-    monkeypatch.setattr(rb, "_pause", land_then_pause)
-    try:
+    with following_consumer(settings):
+        landed_late = before_the_pause(monkeypatch, land_late)
         reports = rebuild(settings, *DAYS)
-    finally:
-        stop.set()
-        consumer.join(60)
     assert landed_late == [100]
     on_day1 = sum(e["start_time"].startswith("2024-01-01") for e in late["cdr-voice"])
     assert 0 < on_day1 < 100  # (day 2 then finds the file in its snapshot)
@@ -317,34 +337,22 @@ def test_rows_the_snapshot_sees_before_their_ledger_row_count_once(
     published and the following consumer applies it before the pause. The rebuild must count
     the file's events once: it read them in the snapshot, and again under the pause as a file
     that landed after it (usage doubled, while the consumer took the events for duplicates)."""
-    import hvs.rebuild as rb
-
     settings = settings_for(stack, analytics_dsn=stack.analytics_dsn, consumer_name="live")
     events = make_events(n_files=2, rows=100, seed=3, start=datetime(2024, 1, 1))
     early, late = split(events, {"cdr_data_0000.csv"}), split(events, {"cdr_voice_0001.csv"})
     both = expected_usage(split(events, {"cdr_data_0000.csv", "cdr_voice_0001.csv"}), None)
     land_events(analytics, early)
     land_rows(analytics, late)  # committed; its ledger row not yet
-    stop = threading.Event()
-    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
-    consumer.start()
-    real_pause = rb._pause
-    ledgered: list[int] = []
 
-    def ledger_then_pause(r: redis.Redis) -> str:
-        if not ledgered:
-            land_ledger(analytics, late)
-            publish(stack.stream_url, "cdr-voice", late["cdr-voice"])
-            key = K.seen_key("cdr_voice_0001.csv")
-            ledgered.append(wait_for(lambda: redis_client.bitcount(key) == 100, "late applied"))
-        return real_pause(r)
+    def ledger_late() -> bool:
+        land_ledger(analytics, late)
+        publish(stack.stream_url, "cdr-voice", late["cdr-voice"])
+        key = K.seen_key("cdr_voice_0001.csv")
+        return wait_for(lambda: redis_client.bitcount(key) == 100, "late applied")
 
-    monkeypatch.setattr(rb, "_pause", ledger_then_pause)
-    try:
+    with following_consumer(settings):
+        ledgered = before_the_pause(monkeypatch, ledger_late)
         reports = rebuild(settings, *DAYS)
-    finally:
-        stop.set()
-        consumer.join(60)
     assert ledgered == [True]
     assert sum(r.events for r in reports) == 200  # each event once
     assert stored_usage(redis_client) == both
@@ -367,9 +375,6 @@ def test_a_rebuild_that_lost_its_pause_writes_nothing(
     both = expected_usage(split(events, {"cdr_data_0000.csv", "cdr_voice_0001.csv"}), None)
     land_events(analytics, early)
     publish(stack.stream_url, "cdr-data", early["cdr-data"])
-    stop = threading.Event()
-    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
-    consumer.start()
     expired: list[bool] = []
 
     def expire_and_land() -> None:
@@ -398,7 +403,7 @@ def test_a_rebuild_that_lost_its_pause_writes_nothing(
             return real_pattern(day)
 
         monkeypatch.setattr(K, "usage_pattern", pattern)
-    try:
+    with following_consumer(settings):
         wait_for(
             lambda: redis_client.bitcount(K.seen_key("cdr_data_0000.csv")) == 100, "early applied"
         )
@@ -411,9 +416,6 @@ def test_a_rebuild_that_lost_its_pause_writes_nothing(
         monkeypatch.undo()
         rebuild(settings, *DAYS)
         assert stored_usage(redis_client) == both
-    finally:
-        stop.set()
-        consumer.join(60)
 
 
 def test_the_rebuild_prices_at_the_rates_the_hvs_holds_when_it_writes(
@@ -423,34 +425,22 @@ def test_the_rebuild_prices_at_the_rates_the_hvs_holds_when_it_writes(
     Under the pause no tick can be added, so the rates in `hvs:fx` then are the ones the
     consumer resumes with: the rebuild prices the day at them, and leaves no ZAR waiting for a
     rate the HVS holds (the consumer would price it only at a later batch, if any came)."""
-    import hvs.rebuild as rb
-
     settings = settings_for(stack, analytics_dsn=stack.analytics_dsn, consumer_name="live")
     cfg = forex()
     events = make_events(n_files=1, rows=100, seed=6, start=datetime(2024, 1, 1))
     land_events(analytics, events)
-    stop = threading.Event()
-    consumer = threading.Thread(target=run, args=(settings, stop), daemon=True)
-    consumer.start()
-    real_pause = rb._pause
-    ticked: list[bool] = []
 
-    def ticks_then_pause(r: redis.Redis) -> str:
-        if not ticked:
-            publish_ticks(cfg, stack.stream_url)
-            probe = open_consumer(stack.stream_url, ["tick-data"], "hvs", consumer_name="p")
-            try:
-                ticked.append(wait_for(lambda: probe.lag() == 0, "the ticks applied", 60))
-            finally:
-                probe.close()
-        return real_pause(r)
+    def ticks_applied() -> bool:
+        publish_ticks(cfg, stack.stream_url)
+        probe = open_consumer(stack.stream_url, ["tick-data"], "hvs", consumer_name="p")
+        try:
+            return wait_for(lambda: probe.lag() == 0, "the ticks applied", 60)
+        finally:
+            probe.close()
 
-    monkeypatch.setattr(rb, "_pause", ticks_then_pause)
-    try:
+    with following_consumer(settings):
+        ticked = before_the_pause(monkeypatch, ticks_applied)
         rebuild(settings, *DAYS)
-    finally:
-        stop.set()
-        consumer.join(60)
     assert ticked == [True]
     assert redis_client.scard(K.PENDING_INDEX) == 0
     assert stored_usage(redis_client) == expected_usage(events, forex_oracle(cfg))
